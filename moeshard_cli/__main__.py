@@ -1,0 +1,3 @@
+from moeshard_cli.cli import main
+
+main()

@@ -1,0 +1,215 @@
+"""Source checkpoints: resolve SOURCE and list its encoder tensors without loading them.
+
+A `Source` is a config plus an ordered list of `TensorEntry`s whose `load()` reads one
+tensor. Three kinds: built-in random models, local `save_pretrained` directories
+(safetensors or pytorch_model.bin, single or sharded), and hub ids fetched with
+huggingface_hub. Nothing here holds more than one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import SwitchTransformersConfig, SwitchTransformersEncoderModel
+
+from moeshard_cli import builtin
+from moeshard_cli.errors import UserError
+from moeshard_cli.plan import EMBED_KEY, ENCODER_EMBED_KEY, EXPERT_KEY
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model",
+    "added_tokens.json", "vocab.json", "merges.txt",
+)
+HUB_PATTERNS = ["config.json", *TOKENIZER_FILES]
+
+
+@dataclass
+class TensorEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+
+
+@dataclass
+class Source:
+    label: str  # what the user typed
+    kind: str  # "builtin" | "local" | "hub"
+    config: SwitchTransformersConfig
+    tensors: list[TensorEntry]
+    path: str | None = None
+    revision: str | None = None
+    tokenizer_dir: Path | None = None  # where tokenizer files live; None for built-ins
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "id": self.label, "revision": self.revision, "path": self.path}
+
+    def save_tokenizer(self, out_dir: Path) -> list[str]:
+        """Copy (or, for built-ins, write) the tokenizer files into out_dir; returns their names."""
+        if self.tokenizer_dir is None:
+            from transformers import ByT5Tokenizer
+
+            ByT5Tokenizer().save_pretrained(str(out_dir))
+            return sorted(p.name for p in out_dir.iterdir() if p.name in TOKENIZER_FILES)
+        copied = []
+        for name in TOKENIZER_FILES:
+            src = self.tokenizer_dir / name
+            if src.is_file():
+                shutil.copyfile(src, out_dir / name)
+                copied.append(name)
+        return copied
+
+
+def expected_encoder_tensors(config: SwitchTransformersConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names and shapes of an encoder-only Switch model, from a meta-device build (no memory)."""
+    with torch.device("meta"):
+        model = SwitchTransformersEncoderModel(config)
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if k != ENCODER_EMBED_KEY}
+
+
+def resolve(source: str, revision: str | None = None) -> Source:
+    if builtin.is_builtin(source):
+        return _builtin_source(source)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"source {source} is a file", "pass the checkpoint directory (with config.json) instead")
+        return _local_source(path, label=source, kind="local")
+    if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        return _hub_source(source, revision)
+    raise UserError(
+        f"source {source!r} does not exist",
+        f"pass a checkpoint directory, a hub id like google/switch-base-8, or one of: {', '.join(builtin.BUILTIN_NAMES)}",
+    )
+
+
+def _builtin_source(name: str) -> Source:
+    config = builtin.builtin_config(name)
+    entries = [
+        TensorEntry(key, shape, torch.float32, (lambda k=key, s=shape: builtin.random_tensor(k, s, config)))
+        for key, (shape, _) in expected_encoder_tensors(config).items()
+    ]
+    return Source(label=name, kind="builtin", config=config, tensors=entries)
+
+
+def _hub_source(repo_id: str, revision: str | None) -> Source:
+    from huggingface_hub import snapshot_download
+
+    fix = "pass a local checkpoint directory, or use a machine where the model is in the HF cache (HF_HOME) with HF_HUB_OFFLINE=1"
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS + ["*.safetensors", "*.safetensors.index.json"]))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS + ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]))
+    except Exception as exc:  # huggingface_hub raises many types: offline, not found, network, auth
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot fetch {repo_id} from the Hugging Face hub ({type(exc).__name__}: {reason[:160]})", fix) from exc
+    src = _local_source(folder, label=repo_id, kind="hub")
+    src.revision = revision
+    return src
+
+
+def _read_config(path: Path) -> SwitchTransformersConfig:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"{path} has no config.json", "pass a directory written by save_pretrained")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{cfg_file} is not valid JSON ({exc})", "restore config.json from the original checkpoint") from exc
+    model_type = raw.get("model_type")
+    if model_type == "t5" or (model_type == "switch_transformers" and not raw.get("num_experts")):
+        raise UserError(f"{path} is a dense {model_type} checkpoint with no experts", "moeshard shards Mixture-of-Experts models: use a Switch Transformers checkpoint")
+    if model_type != "switch_transformers":
+        raise UserError(f"{path} holds a {model_type or 'unknown'} model, not Switch Transformers", "use a checkpoint whose config.json has model_type switch_transformers")
+    return SwitchTransformersConfig.from_dict(raw)
+
+
+def _weight_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
+    """(format, files, weight_map) for a save_pretrained directory."""
+    for fmt, single, index in (("safetensors", "model.safetensors", "model.safetensors.index.json"),
+                               ("bin", "pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (path / index).is_file():
+            try:
+                weight_map = json.loads((path / index).read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
+                raise UserError(f"{path / index} is not a valid index", "restore it from the original checkpoint") from exc
+            files = sorted({path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise UserError(f"{index} names missing file {missing[0]}", "download the complete checkpoint (every file its index lists)")
+            return fmt, files, weight_map
+        if (path / single).is_file():
+            return fmt, [path / single], None
+    raise UserError(f"{path} has no weights (model.safetensors or pytorch_model.bin)", "pass a directory written by save_pretrained")
+
+
+def _open_safetensors(file: Path) -> dict[str, TensorEntry]:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(file), framework="pt")
+        size = file.stat().st_size
+        entries = {}
+        for key in handle.keys():
+            view = handle.get_slice(key)
+            entries[key] = TensorEntry(key, tuple(view.get_shape()), _st_dtype(view.get_dtype()), (lambda h=handle, k=key: h.get_tensor(k)))
+        _check_safetensors_size(file, size)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{file.name} is truncated or corrupt ({str(exc).splitlines()[0][:120]})", "download or copy that file again") from exc
+    return entries
+
+
+def _check_safetensors_size(file: Path, size: int) -> None:
+    """safe_open maps lazily: check the header's data fits in the file before trusting it."""
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise UserError(f"{file.name} is truncated or corrupt ({size} bytes, header needs {8 + header_len + end})", "download or copy that file again")
+
+
+def _open_bin(file: Path) -> dict[str, TensorEntry]:
+    try:
+        state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{file.name} is truncated or corrupt ({str(exc).splitlines()[0][:120]})", "download or copy that file again") from exc
+    return {k: TensorEntry(k, tuple(v.shape), v.dtype, (lambda t=v: t)) for k, v in state.items()}
+
+
+def _st_dtype(name: str) -> torch.dtype:
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+            "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}[name]
+
+
+def _local_source(path: Path, label: str, kind: str) -> Source:
+    config = _read_config(path)
+    fmt, files, _ = _weight_files(path)
+    available: dict[str, TensorEntry] = {}
+    for file in files:
+        available.update(_open_safetensors(file) if fmt == "safetensors" else _open_bin(file))
+    if not any(EXPERT_KEY.match(k) for k in available):
+        raise UserError(f"{path} has no encoder expert weights (a dense model?)", "use a Switch Transformers MoE checkpoint")
+    if EMBED_KEY not in available and ENCODER_EMBED_KEY in available:
+        available[EMBED_KEY] = available[ENCODER_EMBED_KEY]
+    entries = []
+    for key, (shape, _) in expected_encoder_tensors(config).items():
+        entry = available.get(key)
+        if entry is None:
+            raise UserError(f"{path} lacks tensor {key}", "the checkpoint is incomplete or does not match its config.json")
+        if entry.shape != shape:
+            raise UserError(f"{key} has shape {list(entry.shape)} but config.json implies {list(shape)}", "the checkpoint does not match its config.json")
+        entries.append(TensorEntry(key, shape, entry.dtype, entry.load))
+    return Source(label=label, kind=kind, config=config, tensors=entries, path=str(path.resolve()),
+                  tokenizer_dir=path, extra={"format": fmt, "files": [f.name for f in files]})

@@ -1,0 +1,151 @@
+"""`moeshard shard`: stream a source checkpoint into one self-contained safetensors file per rank.
+
+source checkpoint -> slicing plan (plan.py) -> rank files (stwriter.py) -> moeshard.json last.
+Tensors are read, cast and written one at a time; nothing is accepted by `run` until the
+manifest, written last and atomically, names the finished files.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeshard_cli import __version__
+from moeshard_cli.checkpoint import TOKENIZER_FILES, Source, resolve
+from moeshard_cli.errors import UserError
+from moeshard_cli.manifest import DEFAULT_ROOT, FORMAT_VERSION, MANIFEST, write_json_atomic
+from moeshard_cli.plan import classify, rank_file_name, slice_bounds, slice_expert, sliced_shape
+from moeshard_cli.stwriter import StreamingSafetensorsWriter
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OWN_FILES = {MANIFEST, "config.json", *TOKENIZER_FILES}
+
+
+@dataclass
+class ShardResult:
+    out: Path
+    source: Source
+    world: int
+    dtype: str
+    bounds: list[tuple[int, int]]
+    files: list[dict]
+    seconds: float
+    bytes_written: int
+    sparse_layers: list[int]
+
+
+def default_out(source: str, world: int) -> Path:
+    name = Path(source.rstrip("/")).name or "model"
+    return DEFAULT_ROOT / f"{name}-w{world}"
+
+
+def _is_own_artifact(name: str) -> bool:
+    return name in OWN_FILES or (name.startswith("rank-") and name.endswith(".safetensors")) or ".tmp-" in name
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    """Refuse to clobber: a complete set needs --force, a foreign non-empty directory is never touched."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file", "pass a directory path for --out")
+    if out.is_dir() and any(out.iterdir()):
+        names = [p.name for p in out.iterdir()]
+        foreign = [n for n in names if not _is_own_artifact(n)]
+        if foreign:
+            raise UserError(f"--out {out} is a non-empty directory that is not a shard set (it holds {foreign[0]})", "choose an empty or new directory for --out")
+        if not force:
+            what = "a complete shard set" if MANIFEST in names else "an unfinished shard set"
+            raise UserError(f"--out {out} already holds {what}", "pass --force to overwrite it, or choose another --out")
+        (out / MANIFEST).unlink(missing_ok=True)  # first: a half-rewritten set must never look complete
+        for name in names:
+            (out / name).unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe.tmp-{id(out)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to --out {out} ({exc.strerror})", "choose a directory you can write to") from exc
+
+
+def rank_layouts(source: Source, bounds, dtype: torch.dtype):
+    """Per rank, the ordered (name, shape, dtype) list its file will hold."""
+    has_shared = any(e.name == "shared.weight" for e in source.tensors)
+    layouts = [[] for _ in bounds]
+    for entry in source.tensors:
+        role = classify(entry.name, has_shared)
+        if role.kind == "drop":
+            continue
+        for rank, (lo, hi) in enumerate(bounds):
+            shape = sliced_shape(role.matrix, entry.shape, lo, hi) if role.kind == "expert" else entry.shape
+            layouts[rank].append((role.out_name, shape, dtype))
+    return layouts
+
+
+def shard(source_arg: str, world: int, out: Path | None, dtype_name: str, revision: str | None, force: bool, progress=None) -> ShardResult:
+    """Run the whole command. `progress(total_bytes)` returns a callable advanced by bytes written."""
+    if world < 1:
+        raise UserError(f"--gpus must be at least 1, got {world}", "pass the number of ranks to shard for, e.g. --gpus 2")
+    if dtype_name not in DTYPES:
+        raise UserError(f"--dtype {dtype_name} is not supported", f"use one of {', '.join(DTYPES)}")
+    dtype = DTYPES[dtype_name]
+    source = resolve(source_arg, revision)
+    d_ff = source.config.d_ff
+    bounds = slice_bounds(d_ff, world)
+    out = out or default_out(source_arg, world)
+    prepare_out(out, force)
+
+    start = time.perf_counter()
+    layouts = rank_layouts(source, bounds, dtype)
+    has_shared = any(e.name == "shared.weight" for e in source.tensors)
+    written: list[Path] = []
+    writers = []
+    try:
+        for rank, layout in enumerate(layouts):
+            meta = {"format": "pt", "moeshard_rank": str(rank), "moeshard_world": str(world),
+                    "slice": f"{bounds[rank][0]},{bounds[rank][1]}", "source": source.label}
+            writers.append(StreamingSafetensorsWriter(out / rank_file_name(rank, world), layout, meta))
+        advance = progress(sum(w.size for w in writers)) if progress else (lambda n: None)
+        for entry in source.tensors:
+            role = classify(entry.name, has_shared)
+            if role.kind == "drop":
+                continue
+            tensor = entry.load().to(dtype)
+            for rank, writer in enumerate(writers):
+                part = slice_expert(role.matrix, tensor, *bounds[rank]) if role.kind == "expert" else tensor
+                advance(writer.write(role.out_name, part))
+            del tensor
+        files = []
+        for rank, writer in enumerate(writers):
+            sha = writer.commit()
+            written.append(writer.path)
+            files.append({"rank": rank, "name": writer.path.name, "bytes": writer.size, "sha256": sha})
+        written.append(out / "config.json")
+        source.config.to_json_file(str(out / "config.json"))
+        tokenizer_files = source.save_tokenizer(out)
+        written += [out / n for n in tokenizer_files]
+        sparse = sorted({int(n.split(".")[2]) for n, *_ in layouts[0] if ".experts." in n})
+        manifest = {
+            "format_version": FORMAT_VERSION, "tool": "moeshard", "tool_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": source.describe(), "encoder_only": True, "architecture": "SwitchTransformersEncoderModel",
+            "config": source.config.to_dict(), "world_size": world, "dtype": dtype_name,
+            "d_ff": d_ff, "num_experts": source.config.num_experts, "sparse_layers": sparse,
+            "slices": [list(b) for b in bounds], "files": files, "tokenizer_files": tokenizer_files,
+        }
+        write_json_atomic(out / MANIFEST, manifest)
+    except BaseException as exc:
+        for writer in writers:
+            writer.abort()
+        for path in written:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise UserError(f"disk full while writing {out}", "free space (the shard set needs about the checkpoint's encoder size) or choose another --out") from exc
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            raise UserError(f"cannot write the shard set to {out} ({exc.strerror})", "check the directory's permissions and free space") from exc
+        raise
+    seconds = time.perf_counter() - start
+    return ShardResult(out, source, world, dtype_name, bounds, files, seconds, sum(f["bytes"] for f in files), sparse)
