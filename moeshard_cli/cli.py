@@ -57,6 +57,50 @@ def shard(
     print_shard_summary(console, result)
 
 
+@app.command()
+def run(
+    input: Path = typer.Option(..., "--input", "-i", help="UTF-8 text file, one document per line."),
+    shards: Optional[Path] = typer.Option(None, "--shards", help="Shard set directory [default: the one under ./moeshard-shards]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output safetensors file [default: INPUT.moeshard.safetensors]."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Lines per batch per worker."),
+    max_length: int = typer.Option(512, "--max-length", help="Truncate lines to this many tokens."),
+    pooling: str = typer.Option("mean", "--pooling", help="mean: one embedding per line; none: every token's hidden state plus offsets."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (one GPU per rank, NCCL)."),
+    expert_backend: str = typer.Option("auto", "--expert-backend", help="auto, grouped_mm, loop or megablocks (CUDA only)."),
+    router: str = typer.Option("model", "--router", help="model: the checkpoint's router; skewed: the paper's benchmark router."),
+    skew: float = typer.Option(0.0, "--skew", help="Skewed router: extra probability mass of each hot expert."),
+    hot_experts: float = typer.Option(0.1, "--hot-experts", help="Skewed router: fraction of experts that are hot."),
+    seed: int = typer.Option(0, "--seed", help="Skewed router: seed of the token-to-expert draws."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds a collective may wait before the run fails."),
+    verify: bool = typer.Option(False, "--verify", help="Check the rank files' sha256 checksums before starting."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures of the results table as JSON."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Number of machines taking part."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This machine's index; node 0 hosts the rendezvous."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0's rendezvous (multi-node)."),
+):
+    """Encode a text file with one worker per rank of a shard set."""
+    from moeshard_cli.moe.routing import RouterSpec
+    from moeshard_cli.report import print_run_summary
+    from moeshard_cli.run import RunOptions, run as do_run
+
+    if json_path:
+        from moeshard_cli.outputs import check_writable
+
+        check_writable(json_path)
+    opts = RunOptions(
+        input=input, shards=shards, output=output, batch_size=batch_size, max_length=max_length, pooling=pooling,
+        device=device, backend=expert_backend, router=RouterSpec(router, skew, hot_experts, seed), timeout=timeout,
+        verify=verify, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, debug=STATE["debug"],
+        show_progress=console.is_terminal,
+    )
+    summary = do_run(opts)
+    print_run_summary(console, summary)
+    if json_path:
+        from moeshard_cli.manifest import write_json_atomic
+
+        write_json_atomic(json_path, summary.figures())
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

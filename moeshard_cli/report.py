@@ -43,3 +43,35 @@ def print_shard_summary(console: Console, result) -> None:
         f"{cfg.num_experts} experts per layer, d_model {cfg.d_model}, d_ff {cfg.d_ff}, dtype {result.dtype}\n"
         f"wrote {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s) to [bold]{result.out}[/]"
     )
+
+
+def print_run_summary(console: Console, summary) -> None:
+    fig = summary.figures()
+    if not fig:
+        console.print(f"this node's workers finished; rank 0 (on another node) wrote {summary.output}")
+        return
+    table = Table(title=f"moeshard run: {fig['world_size']} workers on {fig['device']} ({fig['backend']})", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    ttft = fig["ttft_s"]
+    for name, value in [
+        ("lines", f"{fig['lines']:,}" + (f" ({fig['truncated_lines']} truncated)" if fig["truncated_lines"] else "")),
+        ("tokens", f"{fig['tokens']:,}"),
+        ("wall time", f"{fig['wall_s']:.2f} s"),
+        ("tokens/s", f"{fig['tokens_per_s']:,.0f}"),
+        ("batches per worker", str(fig["batches"])),
+        ("TTFT per batch mean / p50 / p90", f"{ttft['mean'] * 1e3:.1f} / {ttft['p50'] * 1e3:.1f} / {ttft['p90'] * 1e3:.1f} ms"),
+        ("expert compute per worker", f"{fig['compute_s']:.2f} s"),
+        ("communication per worker", f"{fig['comm_s']:.2f} s"),
+    ]:
+        table.add_row(name, value)
+    console.print(table)
+    layers = Table(title="expert load per MoE layer (tokens per expert over the run)", title_justify="left")
+    for col in ("layer", "max", "mean", "max/mean", "tokens per worker"):
+        layers.add_column(col, justify="right")
+    for l in fig["layers"]:
+        ratio = l["max_tokens_per_expert"] / l["mean_tokens_per_expert"] if l["mean_tokens_per_expert"] else 0.0
+        layers.add_row(str(l["layer"]), str(l["max_tokens_per_expert"]), f"{l['mean_tokens_per_expert']:.1f}", f"{ratio:.2f}",
+                       ", ".join(str(t) for t in l["tokens_per_worker"]))
+    console.print(layers)
+    console.print(f"wrote [bold]{summary.output}[/]")

@@ -17,11 +17,11 @@ import torch
 from moeshard_cli import __version__
 from moeshard_cli.checkpoint import TOKENIZER_FILES, Source, resolve
 from moeshard_cli.errors import UserError
+from moeshard_cli.model import DTYPES
 from moeshard_cli.manifest import DEFAULT_ROOT, FORMAT_VERSION, MANIFEST, write_json_atomic
 from moeshard_cli.plan import classify, rank_file_name, slice_bounds, slice_expert, sliced_shape
 from moeshard_cli.stwriter import StreamingSafetensorsWriter
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OWN_FILES = {MANIFEST, "config.json", *TOKENIZER_FILES}
 
 

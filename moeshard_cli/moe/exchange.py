@@ -1,0 +1,86 @@
+"""Token exchange between workers, and the index arithmetic it needs.
+
+Every worker sorts its own tokens by expert. The per-expert counts of all workers form
+a `[G, E]` table, the only data that crosses to the host. From it, pure functions derive
+where each gathered token sits, so the grouped matmul sees all tokens of expert 0 (from
+every worker), then expert 1, and so on.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+
+def expert_major_index(counts_GE: torch.Tensor, row_start_G: torch.Tensor) -> torch.Tensor:
+    """Rows of a rank-major buffer, reordered expert-major.
+
+    The buffer holds rank g's tokens from `row_start_G[g]`, sorted by expert, `counts_GE[g, e]`
+    of them for expert e. The result lists, for expert 0, rank 0's rows then rank 1's, ...,
+    then expert 1, ...: `buffer[index]` is grouped by expert across all ranks.
+    """
+    G, E = counts_GE.shape
+    within_GE = torch.cumsum(counts_GE, 1) - counts_GE
+    start_EG = (row_start_G[:, None] + within_GE).T.reshape(-1)
+    size_EG = counts_GE.T.reshape(-1)
+    total = int(size_EG.sum())
+    block_N = torch.repeat_interleave(torch.arange(G * E, device=counts_GE.device), size_EG, output_size=total)
+    dst_start_EG = torch.cumsum(size_EG, 0) - size_EG
+    return start_EG[block_N] + torch.arange(total, device=counts_GE.device) - dst_start_EG[block_N]
+
+
+def exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(x, 0) - x
+
+
+class Collectives:
+    """The collectives one MoE layer needs, over one process group, timed as communication."""
+
+    def __init__(self, group=None, timer=None):
+        self.group = group
+        self.world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.timer = timer
+
+    def _timed(self):
+        return self.timer.section("comm") if self.timer else nullcontext()
+
+    def all_gather_counts(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """[E] per worker -> [G, E] on the host (the one host sync of the layer)."""
+        with self._timed():
+            if self.world == 1:
+                return counts_E[None].cpu()
+            out = counts_E.new_empty(self.world * counts_E.numel())
+            dist.all_gather_into_tensor(out, counts_E.contiguous(), group=self.group)
+            return out.view(self.world, -1).cpu()
+
+    def all_gather_rows(self, x_TD: torch.Tensor, rows_G: list[int]) -> torch.Tensor:
+        """Every worker's rows, rank-major, each block padded to max(rows_G): [G * max, D]."""
+        with self._timed():
+            if self.world == 1:
+                return x_TD
+            pad = max(rows_G)
+            send = x_TD if x_TD.shape[0] == pad else torch.cat([x_TD, x_TD.new_zeros(pad - x_TD.shape[0], x_TD.shape[1])])
+            out = x_TD.new_empty(self.world * pad, x_TD.shape[1])
+            dist.all_gather_into_tensor(out, send.contiguous(), group=self.group)
+            return out
+
+    def reduce_scatter_rows(self, partial_ND: torch.Tensor, rows_G: list[int]) -> torch.Tensor:
+        """Sum the padded rank-major partial outputs over workers; keep this worker's rows."""
+        with self._timed():
+            if self.world == 1:
+                return partial_ND
+            pad = max(rows_G)
+            out = partial_ND.new_empty(pad, partial_ND.shape[1])
+            dist.reduce_scatter_tensor(out, partial_ND, group=self.group)
+            return out[: rows_G[self.rank]]
+
+    def all_to_all_rows(self, x_TD: torch.Tensor, send_G: list[int], recv_G: list[int]) -> torch.Tensor:
+        with self._timed():
+            if self.world == 1:
+                return x_TD
+            out = x_TD.new_empty(sum(recv_G), x_TD.shape[1])
+            dist.all_to_all_single(out, x_TD.contiguous(), recv_G, send_G, group=self.group)
+            return out

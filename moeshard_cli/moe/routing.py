@@ -1,0 +1,73 @@
+"""Routers: which expert each token goes to, and the weight its output is scaled by.
+
+Both routers are top-1 and dropless. `model` is the checkpoint's own router, bit for bit
+as transformers computes it. `skewed` is the paper's benchmark router: expert i is drawn
+with probability proportional to 1/E + skew for the first K experts and 1/E otherwise.
+Its draws come from a counter-based hash of (seed, layer, token id), so the assignment of
+a token does not depend on batching, padding or the number of workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeshard_cli.errors import UserError
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    kind: str = "model"  # "model" | "skewed"
+    skew: float = 0.0
+    hot_experts: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("model", "skewed"):
+            raise UserError(f"--router {self.kind} is unknown", "use --router model or --router skewed")
+        if self.skew < 0:
+            raise UserError(f"--skew {self.skew} is negative", "pass a skew of 0 (uniform) or more")
+        if not 0 < self.hot_experts <= 1:
+            raise UserError(f"--hot-experts {self.hot_experts} is outside (0, 1]", "pass the fraction of experts that get extra load, e.g. 0.1")
+
+
+def skewed_probabilities(num_experts: int, skew: float, hot_fraction: float) -> torch.Tensor:
+    """p_i proportional to 1/E + skew for i < K = max(1, round(hot_fraction * E)), else 1/E."""
+    hot = max(1, round(hot_fraction * num_experts))
+    weights = torch.full((num_experts,), 1.0 / num_experts, dtype=torch.float64)
+    weights[:hot] += skew
+    return weights / weights.sum()
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # A 32-bit integer finaliser; multipliers stay below 2**31 so int64 never overflows.
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+def token_uniforms(token_ids: torch.Tensor, seed: int, layer: int) -> torch.Tensor:
+    """A uniform in [0, 1) per token id, a pure function of (seed, layer, id)."""
+    key = (seed * 0x9E3779B1 + layer * 0x85EBCA77 + 0x165667B1) & _M32
+    h = _mix32(token_ids.new_full(token_ids.shape, key) ^ (token_ids & _M32))
+    h = _mix32(h ^ ((token_ids >> 32) & _M32))
+    return h.to(torch.float64) / 2.0**32
+
+
+def route(logits_TE: torch.Tensor, input_dtype: torch.dtype, spec: RouterSpec, token_ids_T: torch.Tensor, layer: int):
+    """(expert_T, prob_T) for float32 router logits, matching transformers' top-1 router.
+
+    transformers casts the softmax back to the activations' dtype before its argmax, so
+    the same is done here: ties under bf16 resolve exactly as in the reference.
+    """
+    probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32).to(input_dtype)
+    if spec.kind == "model":
+        prob_T, expert_T = probs_TE.max(dim=-1)
+        return expert_T, prob_T
+    cdf_E = torch.cumsum(skewed_probabilities(logits_TE.shape[-1], spec.skew, spec.hot_experts), 0).to(logits_TE.device)
+    u_T = token_uniforms(token_ids_T, spec.seed, layer)
+    expert_T = torch.searchsorted(cdf_E, u_T, right=True).clamp_(max=logits_TE.shape[-1] - 1)
+    return expert_T, probs_TE.gather(1, expert_T[:, None]).squeeze(1)
