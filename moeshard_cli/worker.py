@@ -26,8 +26,7 @@ from moeshard_cli.moe.layer import ShardedSparseMLP, TokenContext
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.moe.timing import SectionTimer
 from moeshard_cli.outputs import write_embeddings
-
-POSITION_BITS = 20  # token id = line index << 20 | position
+from moeshard_cli.reference import token_ids_for
 
 
 @dataclass
@@ -62,8 +61,7 @@ def batch_tensors(token_ids: list[list[int]], lines: list[int], pad_id: int, dev
     for row, i in enumerate(lines):
         ids[row, : len(token_ids[i])] = torch.tensor(token_ids[i])
         mask[row, : len(token_ids[i])] = 1
-    gid = (torch.tensor(lines, dtype=torch.long)[:, None] << POSITION_BITS) + torch.arange(width)[None, :]
-    return ids.to(device), mask.to(device), gid.to(device)
+    return ids.to(device), mask.to(device), token_ids_for(lines, width).to(device)
 
 
 @record

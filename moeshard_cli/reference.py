@@ -1,0 +1,53 @@
+"""The oracle: transformers' own SwitchTransformersEncoderModel in one process, dropless.
+
+Used by the tests, by `moeshard demo` and by the bench's `hf` system. With the skewed
+router, transformers' router is given the same token-to-expert assignment as the sharded
+run (same hash of seed, layer and token id), so the two can be compared token for token.
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+
+import torch
+import torch.nn.functional as F
+
+from moeshard_cli.moe.routing import RouterSpec, route
+from moeshard_cli.model import sparse_layers
+
+POSITION_BITS = 20  # token id = line index << POSITION_BITS | position, as the workers number them
+
+
+def token_ids_for(lines: list[int], width: int) -> torch.Tensor:
+    """Global token ids [B, S] of a batch of line indices padded to `width`."""
+    return (torch.tensor(lines, dtype=torch.long)[:, None] << POSITION_BITS) + torch.arange(width)[None, :]
+
+
+def force_router(model, spec: RouterSpec, holder: dict) -> None:
+    """Make every transformers router of `model` follow `spec`; `holder["ids"]` holds the batch's [B, S] token ids."""
+    if spec.kind == "model":
+        return
+    for layer in sparse_layers(model):
+        router = model.encoder.block[layer].layer[-1].mlp.router
+
+        def forward(self, hidden_BSD, layer=layer):
+            B, S, _ = hidden_BSD.shape
+            logits = self.classifier.float()(hidden_BSD.to(torch.float32)).view(B * S, -1)
+            expert_T, prob_T = route(logits, hidden_BSD.dtype, spec, holder["ids"].reshape(-1), layer)
+            one_hot = F.one_hot(expert_T, self.num_experts).view(B, S, -1)
+            return one_hot, prob_T.view(B, S, 1), logits.view(B, S, -1)
+
+        router.forward = MethodType(forward, router)
+
+
+@torch.inference_mode()
+def reference_embeddings(model, token_ids: list[list[int]], spec: RouterSpec = RouterSpec(), pooling: str = "mean") -> list[torch.Tensor]:
+    """Per line, its mean embedding [d_model] (or its hidden states [n, d_model]), one line at a time."""
+    holder: dict = {}
+    force_router(model, spec, holder)
+    out = []
+    for i, row in enumerate(token_ids):
+        holder["ids"] = token_ids_for([i], len(row))
+        hidden_SD = model(input_ids=torch.tensor([row])).last_hidden_state[0].float()
+        out.append(hidden_SD.mean(0) if pooling == "mean" else hidden_SD)
+    return out
