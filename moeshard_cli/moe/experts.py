@@ -56,44 +56,56 @@ def resolve_backend(name: str, device: torch.device, d_model: int, dtype: torch.
 
 
 class GroupedExperts(nn.Module):
-    """Applies expert e's weights to the rows [offs[e-1], offs[e]) of an expert-major input."""
+    """Applies expert e's weights to the rows [offs[e-1], offs[e]) of an expert-major input.
 
-    def __init__(self, w_in_EDF: torch.Tensor, w_out_EFD: torch.Tensor, act: nn.Module, backend: str):
+    Weights are `w_in_SEDF` [S, E, d_model, F] and `w_out_SEFD` [S, E, F, d_model]: each expert
+    may be held as S column slices whose outputs add up (S = 1 for a MoEShard rank; the
+    bench's expert-parallel baselines hold all S slices of their own experts).
+    """
+
+    def __init__(self, w_in_SEDF: torch.Tensor, w_out_SEFD: torch.Tensor, act: nn.Module, backend: str):
         super().__init__()
-        self.register_buffer("w_in_EDF", w_in_EDF, persistent=False)
-        self.register_buffer("w_out_EFD", w_out_EFD, persistent=False)
+        if w_in_SEDF.dim() == 3:
+            w_in_SEDF, w_out_SEFD = w_in_SEDF[None], w_out_SEFD[None]
+        self.register_buffer("w_in_SEDF", w_in_SEDF, persistent=False)
+        self.register_buffer("w_out_SEFD", w_out_SEFD, persistent=False)
         self.act = act
         self.backend = backend
 
     @property
     def num_experts(self) -> int:
-        return self.w_in_EDF.shape[0]
+        return self.w_in_SEDF.shape[1]
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND grouped by expert, counts_E a host int64 tensor of rows per expert."""
-        if self.backend == "loop":
-            return self._loop(x_ND, counts_E)
-        if self.backend == "megablocks":
-            return self._megablocks(x_ND, counts_E)
-        offs_E = torch.cumsum(counts_E, 0).to(device=x_ND.device, dtype=torch.int32, non_blocking=True)
-        h_NF = self.act(F.grouped_mm(x_ND, self.w_in_EDF, offs=offs_E))
-        return F.grouped_mm(h_NF, self.w_out_EFD, offs=offs_E)
+        compute = {"loop": self._loop, "megablocks": self._megablocks, "grouped_mm": self._grouped_mm}[self.backend]
+        if counts_E.device.type != "cpu":
+            counts_E = counts_E.cpu()
+        out_ND = compute(x_ND, counts_E, self.w_in_SEDF[0], self.w_out_SEFD[0])
+        for w_in_EDF, w_out_EFD in zip(self.w_in_SEDF[1:], self.w_out_SEFD[1:]):
+            out_ND += compute(x_ND, counts_E, w_in_EDF, w_out_EFD)
+        return out_ND
 
-    def _loop(self, x_ND, counts_E):
-        out_ND = torch.empty_like(x_ND)
+    def _grouped_mm(self, x_ND, counts_E, w_in_EDF, w_out_EFD):
+        offs_E = torch.cumsum(counts_E, 0).to(device=x_ND.device, dtype=torch.int32, non_blocking=True)
+        h_NF = self.act(F.grouped_mm(x_ND, w_in_EDF, offs=offs_E))
+        return F.grouped_mm(h_NF, w_out_EFD, offs=offs_E)
+
+    def _loop(self, x_ND, counts_E, w_in_EDF, w_out_EFD):
+        out_ND = torch.zeros_like(x_ND)
         start = 0
         for e, n in enumerate(counts_E.tolist()):
             if n:
                 rows = slice(start, start + n)
-                out_ND[rows] = self.act(x_ND[rows] @ self.w_in_EDF[e]) @ self.w_out_EFD[e]
+                out_ND[rows] = self.act(x_ND[rows] @ w_in_EDF[e]) @ w_out_EFD[e]
                 start += n
         return out_ND
 
-    def _megablocks(self, x_ND, counts_E):
+    def _megablocks(self, x_ND, counts_E, w_in_EDF, w_out_EFD):
         # megablocks' grouped GEMM (the CUTLASS kernels of the grouped_gemm package) takes
         # per-expert row counts on the host and [E, K, N] weights when trans_b is False.
         from megablocks import grouped_gemm_util as gg
 
-        batch_sizes = counts_E.to(dtype=torch.int64, device="cpu")
-        h_NF = self.act(gg.ops.gmm(x_ND.contiguous(), self.w_in_EDF, batch_sizes, trans_b=False))
-        return gg.ops.gmm(h_NF.contiguous(), self.w_out_EFD, batch_sizes, trans_b=False)
+        batch_sizes = counts_E.to(torch.int64)
+        h_NF = self.act(gg.ops.gmm(x_ND.contiguous(), w_in_EDF, batch_sizes, trans_b=False))
+        return gg.ops.gmm(h_NF.contiguous(), w_out_EFD, batch_sizes, trans_b=False)
