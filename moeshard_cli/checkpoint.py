@@ -8,10 +8,14 @@ huggingface_hub. Nothing here holds more than one tensor at a time.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import mmap
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -80,6 +84,8 @@ def resolve(source: str, revision: str | None = None) -> Source:
     if builtin.is_builtin(source):
         return _builtin_source(source)
     path = Path(source).expanduser()
+    if (path / "moeshard.json").is_file():
+        return _shard_set_source(path, label=source)
     if path.exists():
         if not path.is_dir():
             raise UserError(f"source {source} is a file", "pass the checkpoint directory (with config.json) instead")
@@ -153,16 +159,24 @@ def _weight_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
 
 
 def _open_safetensors(file: Path) -> dict[str, TensorEntry]:
+    """Check the file (safe_open validates the header) and index its tensors; `load()` preads one tensor.
+
+    Not `safe_open(...).get_tensor`: that copies out of a memory map of the whole file, and the
+    pages it touched stay in this process's resident set, which then grows to the checkpoint's size.
+    """
     from safetensors import safe_open
 
     try:
-        handle = safe_open(str(file), framework="pt")
-        size = file.stat().st_size
+        with safe_open(str(file), framework="pt"):
+            pass
+        header_len, header = _read_safetensors_header(file)
+        base = 8 + header_len
         entries = {}
-        for key in handle.keys():
-            view = handle.get_slice(key)
-            entries[key] = TensorEntry(key, tuple(view.get_shape()), _st_dtype(view.get_dtype()), (lambda h=handle, k=key: h.get_tensor(k)))
-        _check_safetensors_size(file, size)
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            (lo, hi), shape, dtype = info["data_offsets"], tuple(info["shape"]), _st_dtype(info["dtype"])
+            entries[key] = TensorEntry(key, shape, dtype, functools.partial(_pread_tensor, file, base + lo, hi - lo, shape, dtype))
     except UserError:
         raise
     except Exception as exc:
@@ -170,14 +184,30 @@ def _open_safetensors(file: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def _check_safetensors_size(file: Path, size: int) -> None:
-    """safe_open maps lazily: check the header's data fits in the file before trusting it."""
+def _read_safetensors_header(file: Path) -> tuple[int, dict]:
+    """safe_open maps lazily: also check that the header's data exactly fills the file before trusting it."""
+    size = file.stat().st_size
     with open(file, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end != size:
         raise UserError(f"{file.name} is truncated or corrupt ({size} bytes, header needs {8 + header_len + end})", "download or copy that file again")
+    return header_len, header
+
+
+def _pread_tensor(file: Path, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Read one tensor's bytes straight into a fresh buffer (little-endian, as safetensors stores them)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view, done = memoryview(buf.numpy()), 0
+    with open(file, "rb", buffering=0) as f:
+        f.seek(offset)
+        while done < nbytes:
+            n = f.readinto(view[done:])
+            if not n:
+                raise UserError(f"{file.name} is truncated (it shrank while being read)", "download or copy that file again")
+            done += n
+    return buf.view(dtype).reshape(shape)
 
 
 def _open_bin(file: Path) -> dict[str, TensorEntry]:
@@ -185,7 +215,43 @@ def _open_bin(file: Path) -> dict[str, TensorEntry]:
         state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:
         raise UserError(f"{file.name} is truncated or corrupt ({str(exc).splitlines()[0][:120]})", "download or copy that file again") from exc
-    return {k: TensorEntry(k, tuple(v.shape), v.dtype, (lambda t=v: t)) for k, v in state.items()}
+    maps = _file_mappings(file)
+    return {k: TensorEntry(k, tuple(v.shape), v.dtype, functools.partial(_copy_out_of_map, v, maps)) for k, v in state.items()}
+
+
+def _copy_out_of_map(tensor: torch.Tensor, maps: list[tuple[int, int]]) -> torch.Tensor:
+    """Copy a tensor out of torch.load's memory map, then drop its mapped pages from the resident set.
+
+    Without this RSS grows to the size of the .bin file. The pages were only read, so the kernel
+    re-reads them from the file if they are touched again. Only ranges inside a mapping of the
+    file itself are dropped (on anonymous memory MADV_DONTNEED would zero the data).
+    """
+    copy = tensor.clone()
+    storage = tensor.untyped_storage()
+    lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    if _LIBC is not None and any(m_lo <= lo and hi <= m_hi for m_lo, m_hi in maps):
+        start = lo & ~(mmap.PAGESIZE - 1)
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(hi - start), _MADV_DONTNEED)
+    return copy
+
+
+def _file_mappings(file: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps `file` (Linux /proc/self/maps; empty elsewhere)."""
+    target, ranges = str(file.resolve()), []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                    lo, hi = fields[0].split("-")
+                    ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        pass
+    return ranges
+
+
+_MADV_DONTNEED = 4
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def _st_dtype(name: str) -> torch.dtype:
@@ -213,3 +279,24 @@ def _local_source(path: Path, label: str, kind: str) -> Source:
         entries.append(TensorEntry(key, shape, entry.dtype, entry.load))
     return Source(label=label, kind=kind, config=config, tensors=entries, path=str(path.resolve()),
                   tokenizer_dir=path, extra={"format": fmt, "files": [f.name for f in files]})
+
+
+def _shard_set_source(path: Path, label: str) -> Source:
+    """A moeshard shard set read back as a checkpoint: experts are the concatenation of the rank slices."""
+    from safetensors import safe_open
+
+    from moeshard_cli.manifest import check_files, read_shard_set
+
+    shards = read_shard_set(path)
+    check_files(shards)
+    handles = [safe_open(str(shards.rank_file(r)), framework="pt") for r in range(shards.world_size)]
+    config = SwitchTransformersConfig.from_dict(dict(shards.config))
+
+    def load(key: str) -> torch.Tensor:
+        m = EXPERT_KEY.match(key)
+        if not m:
+            return handles[0].get_tensor(key)
+        return torch.cat([h.get_tensor(key) for h in handles], dim=0 if m.group(3) == "wi" else 1)
+
+    entries = [TensorEntry(k, shape, getattr(torch, shards.dtype), (lambda k=k: load(k))) for k, (shape, _) in expected_encoder_tensors(config).items()]
+    return Source(label=label, kind="shard-set", config=config, tensors=entries, path=str(path.resolve()), tokenizer_dir=path)

@@ -101,6 +101,69 @@ def run(
         write_json_atomic(json_path, summary.figures())
 
 
+@app.command()
+def bench(
+    skew: str = typer.Option("0.6", "--skew", help="Router skew, or a comma list to compare (e.g. 0,0.6); 0 is uniform."),
+    hot_experts: float = typer.Option(0.1, "--hot-experts", help="Fraction of experts that get the extra probability."),
+    experts: str = typer.Option("8,32,128", "--experts", help="Comma list of expert counts (built-in switch-base-E models)."),
+    batch_sizes: str = typer.Option("8", "--batch-sizes", help="Comma list of sequences per worker."),
+    seq_len: int = typer.Option(120, "--seq-len", help="Tokens per sequence."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="Workers [default: GPUs on CUDA, 2 on CPU]."),
+    iters: int = typer.Option(10, "--iters", help="Timed forwards per system and configuration (slow systems get fewer, at least 3)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed forwards first."),
+    systems: str = typer.Option("moeshard,deepspeed,ep", "--systems", help="Comma list from moeshard, deepspeed, deepspeed-dropless, ep, hf."),
+    capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="DeepSpeed's capacity factor [default: min(E, 50), as the paper]."),
+    model: Optional[str] = typer.Option(None, "--model", help="Benchmark this checkpoint or shard set instead of the built-in models."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="Also time each MoE layer (paper section 4.2)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every raw sample, the configuration and the machine as JSON."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of speedup against experts and batch size."),
+    paper: bool = typer.Option(False, "--paper", help="The paper's sweep for a 4-GPU node: experts 8-256, batch 10-450, seq 120, 4 workers."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Seed of inputs and router draws."),
+    max_cell_seconds: float = typer.Option(20.0, "--max-cell-seconds", help="Time budget per system and configuration before repeats are cut (min 3)."),
+    timeout: float = typer.Option(900.0, "--timeout", help="Seconds a collective may wait before the bench fails."),
+):
+    """Compare MoEShard with DeepSpeed-MoE and expert parallelism, as in the paper."""
+    from moeshard_cli.bench.report import plot as write_plot, print_tables, write_json
+    from moeshard_cli.bench.runner import PAPER, BenchOptions, bench as do_bench, estimate_seconds, parse_list
+    from moeshard_cli.outputs import check_writable
+
+    for path in (plot_path, json_path):
+        if path:
+            check_writable(path)
+    opts = BenchOptions(
+        skews=parse_list(skew, float, "--skew"), hot_experts=hot_experts, experts=parse_list(experts, int, "--experts"),
+        batch_sizes=parse_list(batch_sizes, int, "--batch-sizes"), seq_len=seq_len, gpus=gpus, iters=iters, warmup=warmup,
+        systems=parse_list(systems, str, "--systems"), capacity_factor=capacity_factor, model=model, per_layer=per_layer,
+        device=device, seed=seed, max_cell_seconds=max_cell_seconds, timeout=timeout, debug=STATE["debug"],
+    )
+    if paper:
+        opts.experts, opts.batch_sizes, opts.seq_len, opts.gpus = PAPER["experts"], PAPER["batch_sizes"], PAPER["seq_len"], PAPER["gpus"]
+    from moeshard_cli.bench.runner import validate
+
+    validate(opts)
+    console.print(f"estimated time: about {estimate_seconds(opts, opts.gpus or 2) / 60:.1f} min (a FLOP-count guess)")
+    result = do_bench(opts)
+    print_tables(console, result, per_layer)
+    if json_path:
+        write_json(json_path, result)
+        console.print(f"wrote {json_path}")
+    if plot_path:
+        write_plot(plot_path, result)
+        console.print(f"wrote {plot_path}")
+
+
+@app.command()
+def demo(
+    workers: int = typer.Option(2, "--workers", help="Number of worker processes."),
+    out: Path = typer.Option(Path("moeshard-demo"), "--out", help="Directory for the demo's shard set and output."),
+):
+    """Shard the built-in tiny-switch, encode a sample corpus across workers, check against transformers."""
+    from moeshard_cli.demo import run_demo
+
+    run_demo(console, workers, out, debug=STATE["debug"])
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

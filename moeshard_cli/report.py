@@ -61,8 +61,8 @@ def print_run_summary(console: Console, summary) -> None:
         ("tokens/s", f"{fig['tokens_per_s']:,.0f}"),
         ("batches per worker", str(fig["batches"])),
         ("TTFT per batch mean / p50 / p90", f"{ttft['mean'] * 1e3:.1f} / {ttft['p50'] * 1e3:.1f} / {ttft['p90'] * 1e3:.1f} ms"),
-        ("expert compute per worker", f"{fig['compute_s']:.2f} s"),
-        ("communication per worker", f"{fig['comm_s']:.2f} s"),
+        ("expert compute per worker", f"{fig['compute_s'] * 1e3:,.1f} ms"),
+        ("communication per worker", f"{fig['comm_s'] * 1e3:,.1f} ms"),
     ]:
         table.add_row(name, value)
     console.print(table)

@@ -1,0 +1,75 @@
+"""The systems under test, each a dispatch for the same `ShardedSparseMLP` shell.
+
+Router, attention, data and threads are shared; only the way tokens reach the experts
+and come back differs. A system that cannot run a configuration is a `Skip` with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersExperts
+
+from moeshard_cli.bench.weights import SharedExperts
+from moeshard_cli.moe.dispatch import ExpertParallelDispatch, ShardedDispatch
+from moeshard_cli.moe.exchange import Collectives
+from moeshard_cli.moe.experts import GroupedExperts
+
+SYSTEMS = ("moeshard", "deepspeed", "deepspeed-dropless", "ep", "hf")
+DEFAULT_SYSTEMS = "moeshard,deepspeed,ep"
+
+
+@dataclass
+class Skip:
+    reason: str
+
+
+def paper_capacity_factor(num_experts: int) -> float:
+    """The paper's DeepSpeed setting: min(E, 50)."""
+    return float(min(num_experts, 50))
+
+
+class TransformersExpertsDispatch:
+    """transformers' own `SwitchTransformersExperts` on this worker's tokens, with a full copy
+    of every expert and no communication: plain data parallelism, dropless."""
+
+    def __init__(self, config, shared: SharedExperts, layer: int):
+        with torch.device("meta"):
+            self.experts = SwitchTransformersExperts(config).eval()
+        for e in range(config.num_experts):
+            wi, wo = shared.full_expert(layer, e)
+            module = self.experts[f"expert_{e}"]
+            module.wi.weight = nn.Parameter(wi, requires_grad=False)
+            module.wo.weight = nn.Parameter(wo, requires_grad=False)
+        self.num_experts = config.num_experts
+
+    def __call__(self, x_TD: torch.Tensor, expert_T: torch.Tensor):
+        one_hot_T1E = F.one_hot(expert_T, self.num_experts)[:, None, :]
+        y_TD = self.experts(x_TD, one_hot_T1E, x_TD.new_ones(x_TD.shape[0], 1))
+        return y_TD, torch.bincount(expert_T, minlength=self.num_experts)[None].cpu()
+
+
+def build_dispatch(name: str, layer: int, config, shared: SharedExperts, comm: Collectives, timer, act, backend: str,
+                   capacity_factor: float | None, free_bytes: int):
+    E, G, r = config.num_experts, comm.world, comm.rank
+    if name == "moeshard":
+        return ShardedDispatch(GroupedExperts(shared.w_in_GEDF[layer][r], shared.w_out_GEFD[layer][r], act, backend), comm, timer)
+    if name == "hf":
+        need = shared.nbytes * G  # every worker holds a full copy of the experts
+        if need > 0.8 * free_bytes:
+            return Skip(f"needs a full copy of the experts per worker ({need / 2**30:.1f} GiB), {free_bytes / 2**30:.1f} GiB free")
+        return TransformersExpertsDispatch(config, shared, layer)
+    if E % G:
+        return Skip(f"E={E} is not divisible by {G} workers (whole experts per worker)")
+    local = slice(r * E // G, (r + 1) * E // G)
+    w_in_GLDF, w_out_GLFD = shared.w_in_GEDF[layer][:, local], shared.w_out_GEFD[layer][:, local]
+    if name == "ep":
+        return ExpertParallelDispatch(GroupedExperts(w_in_GLDF, w_out_GLFD, act, backend), E, comm, timer)
+    from moeshard_cli.bench.deepspeed_moe import DeepSpeedDispatch
+
+    dropless = name == "deepspeed-dropless"
+    cf = capacity_factor if capacity_factor is not None else paper_capacity_factor(E)
+    return DeepSpeedDispatch(w_in_GLDF, w_out_GLFD, E, act, drop_tokens=not dropless, capacity_factor=cf, comm=comm)

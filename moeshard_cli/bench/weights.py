@@ -1,0 +1,90 @@
+"""One copy of every expert for all benchmarked systems, in a shared-memory file.
+
+The systems under test partition the same experts differently: MoEShard by d_ff slices,
+expert parallelism (and DeepSpeed) by whole experts. Holding both layouts would need twice
+the expert bytes (29 GB at E=128 in fp32, more than this machine has), so every worker maps
+one file in /dev/shm laid out as `w_in_GEDF` [G, E, d_model, F] and `w_out_GEFD`
+[G, E, F, d_model], G = number of workers, F = the (padded) slice width. MoEShard rank g
+uses `[g]`, contiguous; an expert-parallel rank uses `[:, its experts]`, G contiguous
+slices whose outputs add up (measured as fast as one full-width matmul). Workers fill
+disjoint experts in parallel.
+"""
+
+from __future__ import annotations
+
+
+from pathlib import Path
+
+import torch
+
+from moeshard_cli.checkpoint import Source
+from moeshard_cli.moe.experts import padded_width
+from moeshard_cli.plan import EXPERT_KEY
+
+SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+
+
+def expert_layers(source: Source) -> list[int]:
+    return sorted({int(EXPERT_KEY.match(e.name).group(1)) for e in source.tensors if EXPERT_KEY.match(e.name)})
+
+
+class SharedExperts:
+    def __init__(self, path: Path, layers: list[int], num_experts: int, d_model: int, bounds: list[tuple[int, int]], dtype: torch.dtype):
+        self.path, self.layers, self.bounds = path, layers, bounds
+        G, E, D = len(bounds), num_experts, d_model
+        self.width = padded_width(max(hi - lo for lo, hi in bounds), dtype)
+        per_matrix = G * E * D * self.width
+        self.nbytes = 2 * len(layers) * per_matrix * dtype.itemsize
+        if not path.exists():
+            raise FileNotFoundError(path)
+        flat = torch.from_file(str(path), shared=True, size=2 * len(layers) * per_matrix, dtype=dtype)
+        self.w_in_GEDF, self.w_out_GEFD = {}, {}
+        for n, layer in enumerate(layers):
+            base = 2 * n * per_matrix
+            self.w_in_GEDF[layer] = flat[base : base + per_matrix].view(G, E, D, self.width)
+            self.w_out_GEFD[layer] = flat[base + per_matrix : base + 2 * per_matrix].view(G, E, self.width, D)
+
+    @staticmethod
+    def create(path: Path, nbytes: int) -> None:
+        """A zero-filled file: padded columns stay zero and add nothing."""
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+
+    @staticmethod
+    def size_for(layers: int, num_experts: int, d_model: int, bounds, dtype: torch.dtype) -> int:
+        return 2 * layers * len(bounds) * num_experts * d_model * padded_width(max(hi - lo for lo, hi in bounds), dtype) * dtype.itemsize
+
+    def fill(self, source: Source, rank: int, world: int) -> None:
+        """Worker `rank` loads experts e with e % world == rank and writes all their slices."""
+        entries = {e.name: e for e in source.tensors}
+        for layer in self.layers:
+            for e in range(rank, self.w_in_GEDF[layer].shape[1], world):
+                prefix = f"encoder.block.{layer}.layer.1.mlp.experts.expert_{e}"
+                wi_FD = entries[f"{prefix}.wi.weight"].load()
+                wo_DF = entries[f"{prefix}.wo.weight"].load()
+                for g, (lo, hi) in enumerate(self.bounds):
+                    self.w_in_GEDF[layer][g, e, :, : hi - lo] = wi_FD[lo:hi].T
+                    self.w_out_GEFD[layer][g, e, : hi - lo, :] = wo_DF[:, lo:hi].T
+
+    def full_expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(wi [F, D], wo [D, F]) in transformers' layout, concatenated from the slices (a copy)."""
+        wi = torch.cat([self.w_in_GEDF[layer][g, e, :, : hi - lo].T for g, (lo, hi) in enumerate(self.bounds)])
+        wo = torch.cat([self.w_out_GEFD[layer][g, e, : hi - lo, :].T for g, (lo, hi) in enumerate(self.bounds)], dim=1)
+        return wi, wo
+
+
+def shm_path(run_id: str, num_experts: int) -> Path:
+    return SHM_DIR / f"moeshard-bench-{run_id}-E{num_experts}.bin"
+
+
+def remove_run_files(run_id: str) -> None:
+    for p in SHM_DIR.glob(f"moeshard-bench-{run_id}-*.bin"):
+        p.unlink(missing_ok=True)
+
+
+def available_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available
+
+

@@ -1,0 +1,239 @@
+"""One worker of `moeshard bench`: every system, configuration and repeat, interleaved.
+
+All systems share the model shell (transformers' attention, norms, embeddings), the router
+and the inputs; per configuration only each sparse layer's dispatch is swapped. Repeats are
+interleaved round by round (system order rotating) so drift on the machine hits all systems
+alike. A sample is one full encoder forward (TTFT), the slowest worker's time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+from transformers.activations import ACT2FN
+
+from moeshard_cli.bench.systems import Skip, build_dispatch
+from moeshard_cli.bench.weights import SharedExperts, available_memory, expert_layers, shm_path
+from moeshard_cli.checkpoint import resolve
+from moeshard_cli.model import assign_weights, install_moe, meta_encoder
+from moeshard_cli.moe.exchange import Collectives
+from moeshard_cli.moe.experts import resolve_backend
+from moeshard_cli.moe.layer import ShardedSparseMLP, TokenContext
+from moeshard_cli.moe.routing import RouterSpec
+from moeshard_cli.moe.timing import SectionTimer
+from moeshard_cli.plan import EXPERT_KEY, slice_bounds
+from moeshard_cli.reference import token_ids_for
+
+
+@dataclass
+class BenchJob:
+    run_id: str
+    models: list[str]  # one source per experts value (built-in switch-base-E, or --model)
+    batch_sizes: list[int]
+    seq_len: int
+    skews: list[float]
+    hot_experts: float
+    seed: int
+    systems: list[str]
+    iters: int
+    warmup: int
+    capacity_factor: float | None
+    per_layer: bool
+    device: str
+    max_cell_seconds: float
+    timeout: float
+    show_progress: bool = True
+    backend: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+
+def _max_all(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _sum_all(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class LayerClock:
+    """Wall time of each sparse block's feed-forward (norm + MoE + residual), per forward."""
+
+    def __init__(self, model, layers: list[int], device):
+        self.times: dict[int, float] = {}
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        for i in layers:
+            ff = model.encoder.block[i].layer[-1]
+            ff.register_forward_pre_hook(lambda m, a, i=i: self._start(i))
+            ff.register_forward_hook(lambda m, a, o, i=i: self._stop(i))
+        self._t0 = {}
+
+    def _start(self, i):
+        self.sync()
+        self._t0[i] = time.perf_counter()
+
+    def _stop(self, i):
+        self.sync()
+        self.times[i] = time.perf_counter() - self._t0[i]
+
+
+@record
+def bench_worker(job: BenchJob):
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    if job.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    dist.init_process_group("nccl" if job.device == "cuda" else "gloo", timeout=timedelta(seconds=job.timeout))
+    try:
+        if any(s.startswith("deepspeed") for s in job.systems):
+            from moeshard_cli.bench.deepspeed_moe import init_deepspeed_groups
+
+            try:
+                init_deepspeed_groups()
+            except ImportError:
+                pass  # rows say "deepspeed not installed"
+        cells = []
+        for model_name in job.models:
+            cells += _bench_model(job, model_name, rank, world, device)
+        return cells if rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device) -> list[dict]:
+    source = resolve(model_name)
+    config = source.config
+    E, D = config.num_experts, config.d_model
+    layers = expert_layers(source)
+    bounds = slice_bounds(config.d_ff, world)
+    path = shm_path(job.run_id, E)
+    if rank == 0:
+        SharedExperts.create(path, SharedExperts.size_for(len(layers), E, D, bounds, torch.float32))
+    dist.barrier()
+    shared = SharedExperts(path, layers, E, D, bounds, torch.float32)
+    shared.fill(source, rank, world)
+    dist.barrier()
+
+    timer = SectionTimer(device, enabled=False)
+    comm, ctx = Collectives(timer=timer), TokenContext()
+    model = meta_encoder(config)
+    mlps: dict[int, ShardedSparseMLP] = {}
+
+    def make(i):
+        mlps[i] = ShardedSparseMLP(D, E, config.router_bias, None, RouterSpec(), ctx, i)
+        return mlps[i]
+
+    install_moe(model, make)
+    assign_weights(model, {e.name: e.load() for e in source.tensors if not EXPERT_KEY.match(e.name)})
+    model.to(device)
+    clock = LayerClock(model, layers, device) if job.per_layer else None
+    backend = resolve_backend(job.backend, device, D, torch.float32)
+    act = ACT2FN[config.dense_act_fn]
+    free = int(_max_all([-available_memory()])[0] * -1)  # the smallest free memory of any worker
+
+    systems: dict[str, dict | Skip] = {}
+    for name in job.systems:
+        try:
+            built = {i: build_dispatch(name, i, config, shared, comm, timer, act, backend, job.capacity_factor, free) for i in layers}
+        except ImportError as exc:
+            built = Skip(f"{exc.name or 'a dependency'} is not installed")
+        skip = next((d for d in built.values() if isinstance(d, Skip)), None) if isinstance(built, dict) else built
+        systems[name] = skip or built
+
+    cells = []
+    for batch in job.batch_sizes:
+        gen = torch.Generator().manual_seed(job.seed * 7919 + batch * 31 + rank)
+        ids = torch.randint(2, config.vocab_size, (batch, job.seq_len), generator=gen).to(device)
+        mask = torch.ones_like(ids)
+        ctx.set_batch(mask, token_ids_for(list(range(rank * batch, (rank + 1) * batch)), job.seq_len).to(device))
+        for skew in job.skews:
+            spec = RouterSpec("skewed", skew, job.hot_experts, job.seed)
+            for mlp in mlps.values():
+                mlp.spec = spec
+            cells += _bench_cell(job, model, mlps, systems, clock, ids, mask, dict(experts=E, model=model_name, batch_size=batch, seq_len=job.seq_len, skew=skew, workers=world), rank, world, device)
+    del systems, model, mlps
+    dist.barrier()
+    if rank == 0:
+        path.unlink(missing_ok=True)
+    return cells
+
+
+def _forward(model, ids, mask, device):
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out
+
+
+def _use(mlps, dispatches):
+    for i, mlp in mlps.items():
+        mlp.dispatch = dispatches[i]
+        mlp.load.tokens_E = mlp.load.tokens_G = None
+
+
+@torch.inference_mode()
+def _bench_cell(job, model, mlps, systems, clock, ids, mask, config: dict, rank: int, world: int, device) -> list[dict]:
+    runnable = [n for n, s in systems.items() if not isinstance(s, Skip)]
+    rows = {n: dict(config, system=n, samples=[], per_layer={}, skipped=s.reason) for n, s in systems.items() if isinstance(s, Skip)}
+    outputs, iters = {}, {}
+    for name in runnable:
+        _use(mlps, systems[name])
+        for d in systems[name].values():
+            if hasattr(d, "reset_counters"):
+                d.reset_counters()
+        t0 = time.perf_counter()
+        outputs[name] = _forward(model, ids, mask, device).float().cpu()
+        first = _max_all([time.perf_counter() - t0])[0]
+        for _ in range(job.warmup - 1):
+            _forward(model, ids, mask, device)
+        # Slow systems get fewer repeats (never fewer than 3) so a sweep stays within budget.
+        iters[name] = max(min(job.iters, 3), min(job.iters, int(job.max_cell_seconds / max(first, 1e-9))))
+        rows[name] = dict(config, system=name, samples=[], per_layer={str(i): [] for i in mlps}, skipped=None,
+                          imbalance=_imbalance(name, mlps, world))
+    for it in range(max(iters.values(), default=0)):
+        order = runnable[it % len(runnable):] + runnable[: it % len(runnable)] if runnable else []
+        for name in order:
+            if it >= iters[name]:
+                continue
+            _use(mlps, systems[name])
+            dist.barrier()
+            t0 = time.perf_counter()
+            _forward(model, ids, mask, device)
+            rows[name]["samples"].append(_max_all([time.perf_counter() - t0])[0])
+            if clock:
+                per = _max_all([clock.times[i] for i in mlps])
+                for i, t in zip(mlps, per):
+                    rows[name]["per_layer"][str(i)].append(t)
+    ref = outputs.get("moeshard")
+    for name in runnable:
+        row = rows[name]
+        row["max_abs_diff_vs_moeshard"] = _max_all([(outputs[name] - ref).abs().max().item()])[0] if ref is not None else None
+        dropped, routed = _sum_all([sum(getattr(d, "dropped", 0) for d in systems[name].values()),
+                                    sum(getattr(d, "tokens", 0) for d in systems[name].values())])
+        row["dropped_pct"] = 100.0 * dropped / routed if routed else 0.0
+    return [rows[n] for n in systems] if rank == 0 else []
+
+
+def _imbalance(name: str, mlps, world: int) -> float:
+    """Busiest worker's share of expert tokens over the ideal 1/world, worst layer (after one forward)."""
+    if name in ("moeshard", "hf") or world == 1:
+        return 1.0  # moeshard: every worker computes 1/world of every token; hf: its own equal batch
+    worst = 0.0
+    for m in mlps.values():
+        tokens_E = m.load.tokens_E
+        owned = tokens_E.view(world, -1).sum(1)
+        worst = max(worst, float(owned.max()) / max(1, int(tokens_E.sum())))
+    return worst * world

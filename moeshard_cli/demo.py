@@ -1,0 +1,49 @@
+"""`moeshard demo`: the whole pipeline on the built-in model, checked against transformers."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from moeshard_cli.builtin import DEFAULT_MODEL
+from moeshard_cli.corpus import read_lines, tokenize
+from moeshard_cli.manifest import read_shard_set
+from moeshard_cli.model import reassemble_state, reference_encoder, switch_config
+from moeshard_cli.reference import reference_embeddings
+from moeshard_cli.report import byte_progress, print_run_summary, print_shard_summary
+from moeshard_cli.run import RunOptions, run
+from moeshard_cli.shard import shard
+
+TOLERANCE = 1e-4
+
+
+def run_demo(console: Console, workers: int, out: Path, debug: bool = False) -> float:
+    corpus = Path(str(files("moeshard_cli") / "data" / "sample.txt"))
+    shards_dir = out / f"{DEFAULT_MODEL}-w{workers}"
+    console.rule(f"1. moeshard shard {DEFAULT_MODEL} --gpus {workers} --out {shards_dir} --force")
+    with byte_progress(console, "sharding") as progress:
+        result = shard(DEFAULT_MODEL, workers, shards_dir, "float32", None, force=True, progress=progress)
+    print_shard_summary(console, result)
+
+    output = out / "sample.moeshard.safetensors"
+    console.rule(f"2. moeshard run --shards {shards_dir} --input {corpus.name} --batch-size 4")
+    summary = run(RunOptions(input=corpus, shards=shards_dir, output=output, batch_size=4, debug=debug,
+                             show_progress=console.is_terminal))
+    print_run_summary(console, summary)
+
+    console.rule("3. check against transformers' SwitchTransformersEncoderModel in one process, dropless")
+    shards = read_shard_set(shards_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(shards_dir))
+    ids = tokenize(read_lines(corpus), tokenizer, 512).ids
+    expected = torch.stack(reference_embeddings(reference_encoder(switch_config(shards.config), reassemble_state(shards)), ids))
+    err = (load_file(str(output))["embeddings"] - expected).abs().max().item()
+    verdict = "[green]match[/]" if err <= TOLERANCE else "[red]MISMATCH[/]"
+    console.print(f"max abs difference over {len(ids)} lines: {err:.2e} (tolerance {TOLERANCE:g}) {verdict}")
+    if err > TOLERANCE:
+        raise SystemExit(1)
+    return err
