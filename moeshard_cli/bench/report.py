@@ -42,18 +42,18 @@ def print_tables(console: Console, result: dict, per_layer: bool) -> None:
     cfg = result["config"]
     title = f"TTFT, {cfg['workers']} workers on {cfg['device']}, seq {cfg['seq_len']}, hot experts {cfg['hot_experts']}"
     table = Table(title=title, title_justify="left")
-    for col in ("E", "batch", "skew", "system", "TTFT median", "p10-p90", "n", "moeshard speedup", "dropped", "imbalance", "max|Δ| vs moeshard"):
-        table.add_column(col, justify="left" if col == "system" else "right")
+    for col in ("E", "batch", "skew", "system", "TTFT ms median (p10-p90)", "n", "moeshard speedup", "dropped", "imbalance", "max|Δ| vs moeshard"):
+        table.add_column(col, justify="left" if col == "system" else "right", no_wrap=col in ("system", "E", "batch", "skew"))
     for c in cells:
         key = (c["experts"], c["batch_size"], c["skew"])
         head = [str(c["experts"]), str(c["batch_size"]), f"{c['skew']:g}", c["system"]]
         if c.get("skipped"):
-            table.add_row(*head, f"[yellow]skipped: {c['skipped']}[/]", "", "", "", "", "", "")
+            table.add_row(*head, f"[yellow]skipped: {c['skipped']}[/]", "", "", "", "", "")
             continue
         s = c["samples"]
         up = ups[key].get(c["system"])
         diff = c.get("max_abs_diff_vs_moeshard")
-        table.add_row(*head, f"{median(c) * 1e3:,.0f} ms", f"{quantile(s, 0.1) * 1e3:,.0f}-{quantile(s, 0.9) * 1e3:,.0f}", str(len(s)),
+        table.add_row(*head, f"{median(c) * 1e3:,.0f} ({quantile(s, 0.1) * 1e3:,.0f}-{quantile(s, 0.9) * 1e3:,.0f})", str(len(s)),
                       f"{up:.2f}x" if up else "-", f"{c['dropped_pct']:.1f}%", f"{c['imbalance']:.2f}x",
                       f"{diff:.1e}" if diff is not None and c["system"] != "moeshard" else "-")
     console.print(table)
@@ -90,8 +90,6 @@ def plot(path: Path, result: dict) -> None:
                 other = B if axis == 0 else E
                 series.setdefault((base, skew, other), []).append(((E, B)[axis], up))
         for (base, skew, other), pts in sorted(series.items()):
-            if len(pts) < 2 and len(series) > 1:
-                continue
             pts.sort()
             fixed = f"batch {other}" if axis == 0 else f"E={other}"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"vs {base}, skew {skew:g}, {fixed}")
@@ -100,7 +98,10 @@ def plot(path: Path, result: dict) -> None:
         ax.set_ylabel("TTFT speedup of moeshard")
         if axis == 0:
             ax.set_xscale("log", base=2)
-        ax.legend(fontsize=7)
+        if ax.lines[1:]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "sweep has a single point on this axis", ha="center", transform=ax.transAxes)
     fig.suptitle(f"moeshard bench: {result['config']['workers']} workers on {result['config']['device']}")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
