@@ -84,6 +84,7 @@ def plot(path: Path, result: dict) -> None:
     ups = speedups(result["cells"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, axis, label in ((axes[0], 0, "experts"), (axes[1], 1, "batch size (sequences per worker)")):
+        plotted = 0
         series: dict[tuple, list] = {}
         for (E, B, skew), by_base in ups.items():
             for base, up in by_base.items():
@@ -93,12 +94,13 @@ def plot(path: Path, result: dict) -> None:
             pts.sort()
             fixed = f"batch {other}" if axis == 0 else f"E={other}"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"vs {base}, skew {skew:g}, {fixed}")
+            plotted += 1
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel(label)
         ax.set_ylabel("TTFT speedup of moeshard")
         if axis == 0:
             ax.set_xscale("log", base=2)
-        if ax.lines[1:]:
+        if plotted:
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "sweep has a single point on this axis", ha="center", transform=ax.transAxes)

@@ -1,0 +1,110 @@
+"""`moeshard run` against transformers in one process, on the same corpus and cores.
+
+Usage: python benchmarks/run_vs_transformers.py [--model switch-base-8] [--workers 2] [--lines 64]
+         [--batch-size 8] [--repeats 3] [--out bench-run]
+Prints a markdown table (tokens/s, medians over repeats) for docs/benchmarks.md:
+transformers dropless (all cores), moeshard with the model router, skewed 0 and 0.6,
+and the loop backend. Each moeshard run's wall time excludes process start-up and loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def corpus(path: Path, lines: int, length: int) -> None:
+    words = (HERE.parent / "moeshard_cli" / "data" / "sample.txt").read_text().split()
+    rng = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(lines):
+        text = ""
+        while len(text.encode()) < length - 1:
+            text += words[int(torch.randint(len(words), (1,), generator=rng))] + " "
+        rows.append(text.encode()[: length - 1].decode(errors="ignore").strip())
+    path.write_text("\n".join(rows) + "\n")
+
+
+def moeshard(args, shards: Path, text: Path, *extra: str) -> float:
+    out = args.out / "result.json"
+    subprocess.run([sys.executable, "-m", "moeshard_cli", "run", "--shards", str(shards), "--input", str(text),
+                    "--batch-size", str(args.batch_size), "--json", str(out), "--output", str(args.out / "emb.safetensors"), *extra],
+                   check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())["tokens_per_s"]
+
+
+def transformers_tokens_per_s(shards: Path, text: Path, batch_size: int, threads: int) -> float:
+    from transformers import AutoTokenizer
+
+    from moeshard_cli.corpus import plan_batches, read_lines, tokenize
+    from moeshard_cli.manifest import read_shard_set
+    from moeshard_cli.model import reassemble_state, reference_encoder, switch_config
+
+    torch.set_num_threads(threads)
+    s = read_shard_set(shards)
+    model = reference_encoder(switch_config(s.config), reassemble_state(s))
+    ids = tokenize(read_lines(text), AutoTokenizer.from_pretrained(str(shards)), 512).ids
+    batches = plan_batches([len(r) for r in ids], batch_size, 1)[0]
+    tokens, t0 = 0, None
+    with torch.inference_mode():
+        for n, batch in enumerate(batches):
+            if n == 1:  # the first batch warms up
+                tokens, t0 = 0, time.perf_counter()
+            width = max(len(ids[i]) for i in batch)
+            x = torch.zeros(len(batch), width, dtype=torch.long)
+            m = torch.zeros_like(x)
+            for r, i in enumerate(batch):
+                x[r, : len(ids[i])] = torch.tensor(ids[i])
+                m[r, : len(ids[i])] = 1
+            model(input_ids=x, attention_mask=m)
+            tokens += int(m.sum())
+    return tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="switch-base-8")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--lines", type=int, default=64)
+    p.add_argument("--length", type=int, default=120)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("bench-run"))
+    args = p.parse_args()
+    args.out.mkdir(exist_ok=True)
+    shards = args.out / f"{args.model}-w{args.workers}"
+    if not (shards / "moeshard.json").exists():
+        subprocess.run([sys.executable, "-m", "moeshard_cli", "shard", args.model, "--gpus", str(args.workers), "--out", str(shards)], check=True, stdout=subprocess.DEVNULL)
+    text = args.out / "corpus.txt"
+    corpus(text, args.lines, args.length)
+    arms = {
+        "transformers, 1 process, dropless": lambda: transformers_tokens_per_s(shards, text, args.batch_size, os.cpu_count() or 1),
+        "moeshard, model router": lambda: moeshard(args, shards, text),
+        "moeshard, skewed 0": lambda: moeshard(args, shards, text, "--router", "skewed", "--skew", "0"),
+        "moeshard, skewed 0.6": lambda: moeshard(args, shards, text, "--router", "skewed", "--skew", "0.6"),
+        "moeshard, loop backend": lambda: moeshard(args, shards, text, "--expert-backend", "loop"),
+    }
+    samples: dict[str, list[float]] = {k: [] for k in arms}
+    for _ in range(args.repeats):  # interleaved, so drift hits every arm alike
+        for name, fn in arms.items():
+            samples[name].append(fn())
+    base = statistics.median(samples["transformers, 1 process, dropless"])
+    print(f"| system | tokens/s (median of {args.repeats}) | vs transformers |\n|---|---|---|")
+    for name, xs in samples.items():
+        print(f"| {name} | {statistics.median(xs):,.0f} | {statistics.median(xs) / base:.2f}x |")
+    sk0, sk6 = statistics.median(samples["moeshard, skewed 0"]), statistics.median(samples["moeshard, skewed 0.6"])
+    print(f"\nskew 0.6 time / skew 0 time: {sk0 / sk6:.3f}")
+
+
+if __name__ == "__main__":
+    main()

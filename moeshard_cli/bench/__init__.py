@@ -1,0 +1,1 @@
+"""`moeshard bench`: the paper's experiments against DeepSpeed-MoE and expert parallelism."""
