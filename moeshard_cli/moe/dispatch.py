@@ -38,9 +38,8 @@ class ShardedDispatch:
         counts_GE = self.comm.all_gather_counts(counts_E)
         rows_G = counts_GE.sum(1).tolist()
         gathered_RD = self.comm.all_gather_rows(x_TD[order_T], rows_G)
-        block = max(rows_G) if self.comm.world > 1 else rows_G[0]
         with self.timer.section("compute"):
-            idx_N = expert_major_index(counts_GE, torch.arange(self.comm.world) * block).to(x_TD.device)
+            idx_N = expert_major_index(counts_GE, self.comm.block_starts(rows_G)).to(x_TD.device)
             partial_ND = self.experts(gathered_RD[idx_N], counts_GE.sum(0))
             partial_RD = torch.empty_like(gathered_RD)
             partial_RD[idx_N] = partial_ND

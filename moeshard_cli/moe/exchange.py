@@ -36,13 +36,25 @@ def exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
 
 
 class Collectives:
-    """The collectives one MoE layer needs, over one process group, timed as communication."""
+    """The collectives one MoE layer needs, over one process group, timed as communication.
 
-    def __init__(self, group=None, timer=None):
+    Two ways to move MoEShard's rows, chosen by `strategy` (see docs/benchmarks.md):
+    - "alltoall": the all-gather and the reduce-scatter are both `all_to_all_single` with
+      exact split sizes (the reduce then sums the world's partials locally). Nothing is padded.
+    - "padded": `all_gather_into_tensor` / `reduce_scatter_tensor` on blocks padded to the
+      busiest worker's row count (these need equal sizes).
+    """
+
+    STRATEGIES = ("alltoall", "padded")
+
+    def __init__(self, group=None, timer=None, strategy: str = "alltoall"):
+        if strategy not in self.STRATEGIES:
+            raise ValueError(f"unknown exchange strategy {strategy}")
         self.group = group
         self.world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         self.timer = timer
+        self.strategy = strategy
 
     def _timed(self):
         return self.timer.section("comm") if self.timer else nullcontext()
@@ -56,26 +68,42 @@ class Collectives:
             dist.all_gather_into_tensor(out, counts_E.contiguous(), group=self.group)
             return out.view(self.world, -1).cpu()
 
+    def block_starts(self, rows_G: list[int]) -> torch.Tensor:
+        """Where each worker's rows start in the buffer `all_gather_rows` returns."""
+        if self.strategy == "padded" and self.world > 1:
+            return torch.arange(self.world) * max(rows_G)
+        return exclusive_cumsum(torch.tensor(rows_G))
+
     def all_gather_rows(self, x_TD: torch.Tensor, rows_G: list[int]) -> torch.Tensor:
-        """Every worker's rows, rank-major, each block padded to max(rows_G): [G * max, D]."""
+        """Every worker's rows, rank-major, from `block_starts(rows_G)`."""
         with self._timed():
             if self.world == 1:
                 return x_TD
+            if self.strategy == "alltoall":
+                out = x_TD.new_empty(sum(rows_G), x_TD.shape[1])
+                send = x_TD.repeat(self.world, 1)
+                dist.all_to_all_single(out, send, rows_G, [x_TD.shape[0]] * self.world, group=self.group)
+                return out
             pad = max(rows_G)
             send = x_TD if x_TD.shape[0] == pad else torch.cat([x_TD, x_TD.new_zeros(pad - x_TD.shape[0], x_TD.shape[1])])
             out = x_TD.new_empty(self.world * pad, x_TD.shape[1])
             dist.all_gather_into_tensor(out, send.contiguous(), group=self.group)
             return out
 
-    def reduce_scatter_rows(self, partial_ND: torch.Tensor, rows_G: list[int]) -> torch.Tensor:
-        """Sum the padded rank-major partial outputs over workers; keep this worker's rows."""
+    def reduce_scatter_rows(self, partial_RD: torch.Tensor, rows_G: list[int]) -> torch.Tensor:
+        """Sum the partial outputs (laid out as `all_gather_rows` returned them) over workers;
+        keep this worker's rows."""
         with self._timed():
             if self.world == 1:
-                return partial_ND
-            pad = max(rows_G)
-            out = partial_ND.new_empty(pad, partial_ND.shape[1])
-            dist.reduce_scatter_tensor(out, partial_ND, group=self.group)
-            return out[: rows_G[self.rank]]
+                return partial_RD
+            mine = rows_G[self.rank]
+            if self.strategy == "alltoall":
+                out = partial_RD.new_empty(self.world * mine, partial_RD.shape[1])
+                dist.all_to_all_single(out, partial_RD, [mine] * self.world, rows_G, group=self.group)
+                return out.view(self.world, mine, -1).sum(0)
+            out = partial_RD.new_empty(max(rows_G), partial_RD.shape[1])
+            dist.reduce_scatter_tensor(out, partial_RD, group=self.group)
+            return out[:mine]
 
     def all_to_all_rows(self, x_TD: torch.Tensor, send_G: list[int], recv_G: list[int]) -> torch.Tensor:
         with self._timed():
