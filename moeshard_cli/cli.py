@@ -86,7 +86,7 @@ def run(
     if json_path:
         from moeshard_cli.outputs import check_writable
 
-        check_writable(json_path)
+        check_writable(json_path, "--json")
     opts = RunOptions(
         input=input, shards=shards, output=output, batch_size=batch_size, max_length=max_length, pooling=pooling,
         device=device, backend=expert_backend, router=RouterSpec(router, skew, hot_experts, seed), timeout=timeout,
@@ -128,9 +128,9 @@ def bench(
     from moeshard_cli.bench.runner import PAPER, BenchOptions, bench as do_bench, estimate_seconds, parse_list
     from moeshard_cli.outputs import check_writable
 
-    for path in (plot_path, json_path):
+    for flag, path in (("--plot", plot_path), ("--json", json_path)):
         if path:
-            check_writable(path)
+            check_writable(path, flag)
     opts = BenchOptions(
         skews=parse_list(skew, float, "--skew"), hot_experts=hot_experts, experts=parse_list(experts, int, "--experts"),
         batch_sizes=parse_list(batch_sizes, int, "--batch-sizes"), seq_len=seq_len, gpus=gpus, iters=iters, warmup=warmup,

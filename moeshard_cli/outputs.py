@@ -11,19 +11,20 @@ from safetensors.torch import save_file
 from moeshard_cli.errors import UserError
 
 
-def check_writable(path: Path) -> None:
-    """Fail before any work if the output cannot be created."""
+def check_writable(path: Path, flag: str = "--output") -> None:
+    """Fail before any work if the file `flag` names cannot be created."""
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise UserError(f"--output {path} is a directory", "pass a file path such as out.safetensors")
+        raise UserError(f"{flag} {path} is a directory", "pass a file path")
     if not parent.is_dir():
-        raise UserError(f"cannot write --output {path}: {parent} does not exist", "create the directory or choose another --output")
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise UserError(f"cannot write {flag} {path}: {parent} {what}", f"create the directory or choose another {flag}")
     probe = parent / f".{path.name}.probe-{os.getpid()}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"cannot write --output {path} ({exc.strerror})", "choose a writable location for --output") from exc
+        raise UserError(f"cannot write {flag} {path} ({exc.strerror})", f"choose a writable location for {flag}") from exc
 
 
 def write_embeddings(path: Path, results: dict[int, torch.Tensor], pooling: str, metadata: dict[str, str]) -> None:

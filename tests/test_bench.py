@@ -1,0 +1,95 @@
+"""`moeshard bench`: bad input fails fast in one line; a tiny sweep's JSON is complete and its
+systems agree with each other where they should (dropless) and not where they drop."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+
+import pytest
+
+from conftest import run_cli
+
+BAD = [
+    (["--skew", "-0.1"], "--skew -0.1 is negative"),
+    (["--hot-experts", "0"], "--hot-experts 0.0 is outside (0, 1]"),
+    (["--hot-experts", "1.5"], "--hot-experts 1.5 is outside (0, 1]"),
+    (["--experts", ""], "--experts is empty"),
+    (["--experts", "8,x"], "is not a list of numbers"),
+    (["--gpus", "99"], "99 CPU workers on"),
+    (["--systems", "moeshard,megatron"], "unknown system megatron"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_one_line(args, message):
+    code, out, err = run_cli(["bench", *args], timeout=60)
+    assert code != 0
+    assert message in err
+    assert "Traceback" not in err + out
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_plot_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    start = time.perf_counter()
+    code, out, err = run_cli(["bench", "--plot", blocker / "fig.png"], timeout=60)
+    assert code != 0
+    assert "cannot write --plot" in err and "is not a directory" in err and "Traceback" not in err
+    assert "estimated time" not in out  # nothing started
+    assert time.perf_counter() - start < 20
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = ["bench", "--model", "tiny-switch", "--batch-sizes", "2,3", "--seq-len", "16", "--iters", "3", "--warmup", "1",
+            "--skew", "0,0.6", "--systems", "moeshard,ep,deepspeed,deepspeed-dropless,hf", "--capacity-factor", "1",
+            "--per-layer", "--json", out / "bench.json", "--plot", out / "fig.png"]
+    code, stdout, stderr = run_cli(args, timeout=240)
+    assert code == 0, stderr
+    return json.loads((out / "bench.json").read_text()), stdout, out
+
+
+def test_json_layout(tiny_sweep):
+    result, stdout, _ = tiny_sweep
+    assert {"config", "machine", "started", "seconds", "cells"} <= set(result)
+    for key in ("torch", "transformers", "deepspeed", "cpu", "cores"):
+        assert key in result["machine"]
+    assert result["config"]["workers"] == 2 and result["config"]["skews"] == [0.0, 0.6]
+    cells = result["cells"]
+    assert len(cells) == 2 * 2 * 5  # batch sizes x skews x systems
+    for c in cells:
+        assert c["skipped"] is None
+        assert len(c["samples"]) == 3 and all(s > 0 for s in c["samples"])
+        assert set(c["per_layer"]) == {"1", "3"} and all(len(v) == 3 for v in c["per_layer"].values())
+        assert {"experts", "batch_size", "seq_len", "skew", "system", "dropped_pct", "imbalance", "max_abs_diff_vs_moeshard"} <= set(c)
+    assert "TTFT" in stdout and "MoE layer latency" in stdout
+
+
+def test_dropless_systems_agree_and_dropping_differs(tiny_sweep):
+    cells = tiny_sweep[0]["cells"]
+    for c in cells:
+        if c["system"] in ("ep", "deepspeed-dropless", "hf"):
+            assert c["max_abs_diff_vs_moeshard"] <= 1e-4, c
+            assert c["dropped_pct"] == 0.0
+    skewed_ds = [c for c in cells if c["system"] == "deepspeed" and c["skew"] == 0.6]
+    assert all(c["dropped_pct"] > 0 for c in skewed_ds)  # capacity factor 1 under skew must drop
+    assert all(c["max_abs_diff_vs_moeshard"] > 1e-3 for c in skewed_ds)
+
+
+def test_imbalance_reflects_skew(tiny_sweep):
+    cells = tiny_sweep[0]["cells"]
+    moeshard = [c["imbalance"] for c in cells if c["system"] == "moeshard"]
+    assert moeshard == [1.0] * len(moeshard)  # perfect balance by construction
+    ep = {c["skew"]: c["imbalance"] for c in cells if c["system"] == "ep" and c["batch_size"] == 3}
+    assert ep[0.6] > ep[0.0] >= 1.0  # the hot experts all live on worker 0
+
+
+def test_plot_is_a_png(tiny_sweep):
+    data = (tiny_sweep[2] / "fig.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 500 and height > 200
