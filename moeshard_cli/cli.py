@@ -136,6 +136,7 @@ def bench(
         batch_sizes=parse_list(batch_sizes, int, "--batch-sizes"), seq_len=seq_len, gpus=gpus, iters=iters, warmup=warmup,
         systems=parse_list(systems, str, "--systems"), capacity_factor=capacity_factor, model=model, per_layer=per_layer,
         device=device, seed=seed, max_cell_seconds=max_cell_seconds, timeout=timeout, debug=STATE["debug"],
+        show_progress=console.is_terminal,
     )
     if paper:
         opts.experts, opts.batch_sizes, opts.seq_len, opts.gpus = PAPER["experts"], PAPER["batch_sizes"], PAPER["seq_len"], PAPER["gpus"]

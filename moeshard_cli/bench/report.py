@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 from rich.console import Console
+from rich import box
 from rich.table import Table
 
 from moeshard_cli.manifest import write_json_atomic
@@ -41,21 +42,24 @@ def print_tables(console: Console, result: dict, per_layer: bool) -> None:
     ups = speedups(cells)
     cfg = result["config"]
     title = f"TTFT, {cfg['workers']} workers on {cfg['device']}, seq {cfg['seq_len']}, hot experts {cfg['hot_experts']}"
-    table = Table(title=title, title_justify="left")
-    for col in ("E", "batch", "skew", "system", "TTFT ms median (p10-p90)", "n", "moeshard speedup", "dropped", "imbalance", "max|Δ| vs moeshard"):
-        table.add_column(col, justify="left" if col == "system" else "right", no_wrap=col in ("system", "E", "batch", "skew"))
+    table = Table(title=title, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="B: sequences per worker; ms: TTFT (one encoder forward), median and p10-p90 over n; speedup: the "
+                          "system's median over moeshard's; drop: tokens DeepSpeed dropped; imb: busiest worker's share of "
+                          "expert tokens x workers; |Δ|: largest output difference to moeshard")
+    for col in ("E", "B", "skew", "system", "ms", "p10-p90", "n", "speedup", "drop", "imb", "|Δ|"):
+        table.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
     for c in cells:
         key = (c["experts"], c["batch_size"], c["skew"])
         head = [str(c["experts"]), str(c["batch_size"]), f"{c['skew']:g}", c["system"]]
         if c.get("skipped"):
-            table.add_row(*head, f"[yellow]skipped: {c['skipped']}[/]", "", "", "", "", "")
+            table.add_row(*head, f"[yellow]skipped: {c['skipped']}[/]", "", "", "", "", "", "")
             continue
         s = c["samples"]
         up = ups[key].get(c["system"])
         diff = c.get("max_abs_diff_vs_moeshard")
-        table.add_row(*head, f"{median(c) * 1e3:,.0f} ({quantile(s, 0.1) * 1e3:,.0f}-{quantile(s, 0.9) * 1e3:,.0f})", str(len(s)),
-                      f"{up:.2f}x" if up else "-", f"{c['dropped_pct']:.1f}%", f"{c['imbalance']:.2f}x",
-                      f"{diff:.1e}" if diff is not None and c["system"] != "moeshard" else "-")
+        table.add_row(*head, f"{median(c) * 1e3:,.0f}", f"{quantile(s, 0.1) * 1e3:,.0f}-{quantile(s, 0.9) * 1e3:,.0f}", str(len(s)),
+                      f"{up:.2f}x" if up else "-", f"{c['dropped_pct']:.1f}%", f"{c['imbalance']:.2f}",
+                      f"{diff:.0e}" if diff is not None and c["system"] != "moeshard" else "-")
     console.print(table)
     if per_layer:
         layers = Table(title="MoE layer latency (median per layer, ms)", title_justify="left")

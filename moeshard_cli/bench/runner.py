@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeshard_cli.bench.deepspeed_moe import deepspeed_version
 from moeshard_cli.bench.systems import SYSTEMS
 from moeshard_cli.bench.weights import remove_run_files
 from moeshard_cli.bench.worker import BenchJob, bench_worker
@@ -86,12 +87,7 @@ def machine() -> dict:
 
     info = {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
-    try:
-        import deepspeed
-
-        info["deepspeed"] = deepspeed.__version__
-    except Exception:
-        info["deepspeed"] = None
+    info["deepspeed"] = deepspeed_version()  # without importing it: the import picks an accelerator
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:

@@ -106,22 +106,52 @@ def bench_worker(job: BenchJob):
             except ImportError:
                 pass  # rows say "deepspeed not installed"
         cells = []
+        progress = _Progress(job) if job.show_progress and rank == 0 else None
         for model_name in job.models:
-            cells += _bench_model(job, model_name, rank, world, device)
+            cells += _bench_model(job, model_name, rank, world, device, progress)
+        if progress:
+            progress.bar.stop()
         return cells if rank == 0 else None
     finally:
         dist.destroy_process_group()
 
 
-def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device) -> list[dict]:
+class _Progress:
+    """Rank 0's progress over (configuration, system) cells."""
+
+    def __init__(self, job: BenchJob):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        total = len(job.models) * len(job.batch_sizes) * len(job.skews) * len(job.systems)
+        self.bar = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                            TimeElapsedColumn(), transient=True)
+        self.task = self.bar.add_task("", total=total)
+        self.bar.start()
+
+    def show(self, what: str) -> None:
+        self.bar.update(self.task, description=what)
+
+    def done(self, cells: int = 1) -> None:
+        self.bar.advance(self.task, cells)
+
+
+def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, progress) -> list[dict]:
     source = resolve(model_name)
     config = source.config
     E, D = config.num_experts, config.d_model
     layers = expert_layers(source)
     bounds = slice_bounds(config.d_ff, world)
+    need = SharedExperts.size_for(len(layers), E, D, bounds, torch.float32)
+    free = int(_max_all([-available_memory()])[0] * -1)  # the smallest free memory of any worker
+    if need > 0.85 * free:
+        reason = f"out of memory: the experts need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+        if progress:
+            progress.done(len(job.batch_sizes) * len(job.skews) * len(job.systems))
+        return [dict(experts=E, model=model_name, batch_size=b, seq_len=job.seq_len, skew=k, workers=world, system=n,
+                     samples=[], per_layer={}, skipped=reason) for b in job.batch_sizes for k in job.skews for n in job.systems]
     path = shm_path(job.run_id, E)
     if rank == 0:
-        SharedExperts.create(path, SharedExperts.size_for(len(layers), E, D, bounds, torch.float32))
+        SharedExperts.create(path, need)
     dist.barrier()
     shared = SharedExperts(path, layers, E, D, bounds, torch.float32)
     shared.fill(source, rank, world)
@@ -142,7 +172,7 @@ def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device) 
     clock = LayerClock(model, layers, device) if job.per_layer else None
     backend = resolve_backend(job.backend, device, D, torch.float32)
     act = ACT2FN[config.dense_act_fn]
-    free = int(_max_all([-available_memory()])[0] * -1)  # the smallest free memory of any worker
+    free -= need
 
     systems: dict[str, dict | Skip] = {}
     for name in job.systems:
@@ -163,7 +193,8 @@ def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device) 
             spec = RouterSpec("skewed", skew, job.hot_experts, job.seed)
             for mlp in mlps.values():
                 mlp.spec = spec
-            cells += _bench_cell(job, model, mlps, systems, clock, ids, mask, dict(experts=E, model=model_name, batch_size=batch, seq_len=job.seq_len, skew=skew, workers=world), rank, world, device)
+            where = dict(experts=E, model=model_name, batch_size=batch, seq_len=job.seq_len, skew=skew, workers=world)
+            cells += _bench_cell(job, model, mlps, systems, clock, ids, mask, where, rank, world, device, progress)
     del systems, model, mlps
     dist.barrier()
     if rank == 0:
@@ -185,11 +216,15 @@ def _use(mlps, dispatches):
 
 
 @torch.inference_mode()
-def _bench_cell(job, model, mlps, systems, clock, ids, mask, config: dict, rank: int, world: int, device) -> list[dict]:
+def _bench_cell(job, model, mlps, systems, clock, ids, mask, config: dict, rank: int, world: int, device, progress) -> list[dict]:
     runnable = [n for n, s in systems.items() if not isinstance(s, Skip)]
     rows = {n: dict(config, system=n, samples=[], per_layer={}, skipped=s.reason) for n, s in systems.items() if isinstance(s, Skip)}
     outputs, iters = {}, {}
+    if progress:
+        progress.done(len(rows))
     for name in runnable:
+        if progress:
+            progress.show(f"E={config['experts']} batch {config['batch_size']} skew {config['skew']:g}: {name}")
         _use(mlps, systems[name])
         for d in systems[name].values():
             if hasattr(d, "reset_counters"):
@@ -213,6 +248,8 @@ def _bench_cell(job, model, mlps, systems, clock, ids, mask, config: dict, rank:
             t0 = time.perf_counter()
             _forward(model, ids, mask, device)
             rows[name]["samples"].append(_max_all([time.perf_counter() - t0])[0])
+            if progress and len(rows[name]["samples"]) == iters[name]:
+                progress.done()
             if clock:
                 per = _max_all([clock.times[i] for i in mlps])
                 for i, t in zip(mlps, per):
