@@ -43,7 +43,7 @@ def root(
 def shard(
     source: str = typer.Argument(DEFAULT_MODEL, help="Hub id (google/switch-base-128), local checkpoint directory, or built-in name (tiny-switch, switch-base-8..256)."),
     gpus: int = typer.Option(..., "--gpus", "-n", help="Number of ranks (GPUs or CPU workers) to slice the experts for."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory [default: ./moeshard-shards/<model>-w<gpus>]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: ./moeshard-shards/<model>-w<gpus>)."),
     dtype: str = typer.Option("float32", "--dtype", help="Data type of the rank files: float32, bfloat16 or float16."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) for hub ids."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing shard set in --out."),
@@ -60,8 +60,8 @@ def shard(
 @app.command()
 def run(
     input: Path = typer.Option(..., "--input", "-i", help="UTF-8 text file, one document per line."),
-    shards: Optional[Path] = typer.Option(None, "--shards", help="Shard set directory [default: the one under ./moeshard-shards]."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output safetensors file [default: INPUT.moeshard.safetensors]."),
+    shards: Optional[Path] = typer.Option(None, "--shards", help="Shard set directory (default: the one under ./moeshard-shards)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output safetensors file (default: INPUT.moeshard.safetensors)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Lines per batch per worker."),
     max_length: int = typer.Option(512, "--max-length", help="Truncate lines to this many tokens."),
     pooling: str = typer.Option("mean", "--pooling", help="mean: one embedding per line; none: every token's hidden state plus offsets."),
@@ -108,11 +108,11 @@ def bench(
     experts: str = typer.Option("8,32,128", "--experts", help="Comma list of expert counts (built-in switch-base-E models)."),
     batch_sizes: str = typer.Option("8", "--batch-sizes", help="Comma list of sequences per worker."),
     seq_len: int = typer.Option(120, "--seq-len", help="Tokens per sequence."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", help="Workers [default: GPUs on CUDA, 2 on CPU]."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="Workers (default: GPUs on CUDA, 2 on CPU)."),
     iters: int = typer.Option(10, "--iters", help="Timed forwards per system and configuration (slow systems get fewer, at least 3)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed forwards first."),
     systems: str = typer.Option("moeshard,deepspeed,ep", "--systems", help="Comma list from moeshard, deepspeed, deepspeed-dropless, ep, hf."),
-    capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="DeepSpeed's capacity factor [default: min(E, 50), as the paper]."),
+    capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="DeepSpeed's capacity factor (default: min(E, 50), as the paper)."),
     model: Optional[str] = typer.Option(None, "--model", help="Benchmark this checkpoint or shard set instead of the built-in models."),
     per_layer: bool = typer.Option(False, "--per-layer", help="Also time each MoE layer (paper section 4.2)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every raw sample, the configuration and the machine as JSON."),
