@@ -1,6 +1,6 @@
 """`moeshard run`: check everything, tokenize, launch the workers, summarise.
 
-shard set -> checks (files, input, output, devices) -> token ids -> batches per rank ->
+input and output checks -> shard set checks (manifest, files, devices) -> token ids -> batches per rank ->
 elastic launch of worker.py -> rank 0 writes the output -> summary.
 """
 
@@ -103,6 +103,14 @@ def pick_device(requested: str, local_workers: int) -> str:
     return "cpu"
 
 
+def check_manifest(shards) -> None:
+    """One rank file and one slice per rank, in rank order (check_files then checks each file)."""
+    world, files = shards.world_size, shards.data["files"]
+    if [f["rank"] for f in files] != list(range(world)) or len(shards.slices) != world:
+        raise UserError(f"{shards.root}/moeshard.json says world size {world} but lists {len(files)} rank files and {len(shards.slices)} slices",
+                        "the manifest was edited or the shard set is incomplete: re-shard with --force")
+
+
 def run(opts: RunOptions) -> RunSummary:
     from transformers import AutoTokenizer
 
@@ -111,16 +119,17 @@ def run(opts: RunOptions) -> RunSummary:
         raise UserError(f"--pooling {opts.pooling} is unknown", "use --pooling mean or --pooling none")
     if opts.timeout <= 0:
         raise UserError(f"--timeout {opts.timeout} must be positive", "pass the collective timeout in seconds, e.g. --timeout 300")
+    output = opts.output or opts.input.with_name(opts.input.name + ".moeshard.safetensors")
+    lines = read_lines(opts.input)
+    check_writable(output)
     shards_dir = opts.shards or default_shard_set()
     shards = read_shard_set(shards_dir)
+    check_manifest(shards)
     check_files(shards, verify=opts.verify)
     world = shards.world_size
     device = pick_device(opts.device, world // max(opts.nnodes, 1))
     config = shards.config
     resolve_backend(opts.backend, torch.device(device), config["d_model"], DTYPES[shards.dtype])
-    output = opts.output or opts.input.with_name(opts.input.name + ".moeshard.safetensors")
-    lines = read_lines(opts.input)
-    check_writable(output)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(shards_dir))
     except Exception as exc:

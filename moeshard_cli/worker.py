@@ -28,6 +28,11 @@ from moeshard_cli.moe.timing import SectionTimer
 from moeshard_cli.outputs import write_embeddings
 from moeshard_cli.reference import token_ids_for
 
+# A failing worker keeps its connections open this long before it exits. Its peers, stuck in
+# a collective, fail only once it is gone, so the launcher sees the cause exit first and
+# names the right rank instead of a peer reporting "connection closed".
+FAILURE_GRACE_S = 1.0
+
 
 @dataclass
 class RunJob:
@@ -77,6 +82,10 @@ def worker_main(job: RunJob):
     dist.init_process_group("nccl" if job.device == "cuda" else "gloo", timeout=timedelta(seconds=job.timeout))
     try:
         return _encode(job, rank, world, device)
+    except Exception:
+        if world > 1:
+            time.sleep(FAILURE_GRACE_S)
+        raise
     finally:
         dist.destroy_process_group()
 

@@ -100,7 +100,7 @@ class Collectives:
             if self.strategy == "alltoall":
                 out = partial_RD.new_empty(self.world * mine, partial_RD.shape[1])
                 dist.all_to_all_single(out, partial_RD, [mine] * self.world, rows_G, group=self.group)
-                return out.view(self.world, mine, -1).sum(0)
+                return out.view(self.world, mine, partial_RD.shape[1]).sum(0)  # mine may be 0: no -1
             out = partial_RD.new_empty(max(rows_G), partial_RD.shape[1])
             dist.reduce_scatter_tensor(out, partial_RD, group=self.group)
             return out[:mine]

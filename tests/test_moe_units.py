@@ -1,0 +1,301 @@
+"""The pieces of `moeshard run`, one by one, in this process: index arithmetic, routers,
+grouped expert compute, the world-size-1 dispatch, and the corpus helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import ByT5Tokenizer
+from transformers.activations import ACT2FN
+
+from moeshard_cli.corpus import plan_batches, read_lines, tokenize
+from moeshard_cli.errors import UserError
+from moeshard_cli.moe.dispatch import ShardedDispatch
+from moeshard_cli.moe.exchange import Collectives, exclusive_cumsum, expert_major_index
+from moeshard_cli.moe.experts import GroupedExperts, megablocks_available, padded_width, stack_experts
+from moeshard_cli.moe.layer import ShardedSparseMLP, TokenContext
+from moeshard_cli.moe.routing import RouterSpec, route, skewed_probabilities, token_uniforms
+from moeshard_cli.moe.timing import SectionTimer
+
+# ---------------------------------------------------------------- expert_major_index
+
+# counts_GE tables: rank g sent counts[g][e] tokens of expert e
+COUNT_TABLES = {
+    "one-rank": [[3, 0, 2, 1]],
+    "one-rank-one-expert": [[5]],
+    "all-zero": [[0, 0, 0], [0, 0, 0]],
+    "one-token": [[0, 0], [0, 1], [0, 0]],
+    "square": [[1, 2], [3, 4]],
+    "uneven-ranks": [[5, 0, 1, 0], [0, 0, 0, 0], [2, 3, 0, 1]],
+    "empty-experts": [[0, 4, 0, 0, 2], [1, 0, 0, 0, 7], [0, 0, 0, 0, 0], [3, 3, 0, 0, 0]],
+    "one-expert-many-ranks": [[2], [0], [3], [1]],
+}
+
+
+def brute_expert_major(counts: list[list[int]], starts: list[int]) -> list[int]:
+    """For expert 0: rank 0's rows, rank 1's rows, ...; then expert 1; rows of rank g start at starts[g]."""
+    out = []
+    for e in range(len(counts[0])):
+        for g, row in enumerate(counts):
+            first = starts[g] + sum(row[:e])
+            out.extend(range(first, first + row[e]))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("name", list(COUNT_TABLES))
+def test_expert_major_index_matches_brute_force(name, layout):
+    counts = COUNT_TABLES[name]
+    rows = [sum(r) for r in counts]
+    starts = [sum(rows[:g]) for g in range(len(rows))] if layout == "packed" else [g * max(rows) for g in range(len(rows))]
+    idx_N = expert_major_index(torch.tensor(counts), torch.tensor(starts))
+    assert idx_N.dtype == torch.long
+    assert idx_N.tolist() == brute_expert_major(counts, starts)
+
+
+def test_expert_major_index_groups_a_labelled_buffer():
+    counts_GE = torch.tensor(COUNT_TABLES["empty-experts"])
+    G, E = counts_GE.shape
+    # a packed rank-major buffer whose rows say (rank, expert)
+    labels = [(g, e) for g in range(G) for e in range(E) for _ in range(int(counts_GE[g, e]))]
+    idx_N = expert_major_index(counts_GE, exclusive_cumsum(counts_GE.sum(1)))
+    regrouped = [labels[i] for i in idx_N.tolist()]
+    assert regrouped == sorted(labels, key=lambda ge: (ge[1], ge[0]))
+
+
+# ---------------------------------------------------------------- routers
+
+
+@pytest.mark.parametrize("E, skew, hot, K", [(8, 0.6, 0.1, 1), (8, 0.0, 0.1, 1), (16, 0.3, 0.25, 4), (128, 0.6, 0.1, 13), (4, 1.0, 1.0, 4)])
+def test_skewed_probabilities_formula(E, skew, hot, K):
+    p = skewed_probabilities(E, skew, hot)
+    assert p.dtype == torch.float64 and p.shape == (E,)
+    expected = [(1 / E + (skew if i < K else 0.0)) / (1 + K * skew) for i in range(E)]
+    assert p.tolist() == pytest.approx(expected, abs=1e-12)
+    assert float(p.sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("E, skew, hot", [(8, 0.6, 0.1), (8, 0.0, 0.1), (16, 0.3, 0.25)])
+def test_skewed_router_draws_follow_the_formula(E, skew, hot):
+    n = 200_000
+    spec = RouterSpec("skewed", skew, hot, seed=3)
+    # token ids as the workers number them: line << 20 | position
+    ids_T = (torch.arange(n) // 100 << 20) + torch.arange(n) % 100
+    logits_TE = torch.randn(n, E)
+    expert_T, prob_T = route(logits_TE, torch.float32, spec, ids_T, layer=1)
+    freq_E = torch.bincount(expert_T, minlength=E).double() / n
+    assert (freq_E - skewed_probabilities(E, skew, hot)).abs().max() < 0.01
+    # the output is scaled by the router's own probability of the drawn expert, as transformers does
+    torch.testing.assert_close(prob_T, torch.softmax(logits_TE, -1).gather(1, expert_T[:, None]).squeeze(1))
+
+
+def test_model_router_is_the_argmax_of_the_softmax():
+    logits_TE = torch.randn(1000, 8)
+    expert_T, prob_T = route(logits_TE, torch.float32, RouterSpec(), torch.arange(1000), layer=1)
+    probs_TE = torch.softmax(logits_TE, -1)
+    assert torch.equal(expert_T, probs_TE.argmax(-1))
+    torch.testing.assert_close(prob_T, probs_TE.max(-1).values)
+
+
+def test_token_uniforms_do_not_depend_on_batching():
+    gen = torch.Generator().manual_seed(0)
+    ids_T = (torch.randint(0, 10_000, (4096,), generator=gen) << 20) + torch.randint(0, 512, (4096,), generator=gen)
+    u_T = token_uniforms(ids_T, seed=7, layer=3)
+    assert ((u_T >= 0) & (u_T < 1)).all()
+    assert torch.equal(torch.cat([token_uniforms(c, 7, 3) for c in ids_T.split(97)]), u_T)
+    assert torch.equal(token_uniforms(ids_T.view(64, 64), 7, 3).view(-1), u_T)
+    perm = torch.randperm(4096, generator=gen)
+    assert torch.equal(token_uniforms(ids_T[perm], 7, 3), u_T[perm])
+    # a pure function of (seed, layer, id): other seeds and layers draw differently
+    assert not torch.equal(token_uniforms(ids_T, 8, 3), u_T)
+    assert not torch.equal(token_uniforms(ids_T, 7, 1), u_T)
+    assert abs(float(u_T.mean()) - 0.5) < 0.02
+
+
+def test_router_spec_rejects_bad_values():
+    for kwargs in ({"kind": "random"}, {"kind": "skewed", "skew": -0.1}, {"kind": "skewed", "hot_experts": 0.0}, {"kind": "skewed", "hot_experts": 1.5}):
+        with pytest.raises(UserError) as info:
+            RouterSpec(**kwargs)
+        assert info.value.fix and "\n" not in info.value.line()
+
+
+# ---------------------------------------------------------------- grouped expert compute
+
+D = 64
+
+
+def random_experts(E: int, width: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    wi = [torch.randn(width, D, generator=gen) / D**0.5 for _ in range(E)]  # nn.Linear layout [F, D]
+    wo = [torch.randn(D, width, generator=gen) / width**0.5 for _ in range(E)]  # [D, F]
+    return wi, wo
+
+
+def dense_reference(x_ND, expert_N, wi, wo, act):
+    """Every token through its own expert, one token at a time."""
+    rows = [act(x_ND[n] @ wi[e].T) @ wo[e].T for n, e in enumerate(expert_N.tolist())]
+    return torch.stack(rows) if rows else x_ND.new_zeros(0, D)
+
+
+BACKENDS = [
+    "grouped_mm",
+    "loop",
+    pytest.param("megablocks", marks=pytest.mark.skipif(not megablocks_available(), reason="megablocks is not importable with its CUDA kernels here")),
+]
+COUNTS = [[3, 0, 7, 0, 1], [0, 0, 0, 0, 5], [1, 1, 1, 1, 1], [0, 12, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu_new"])
+@pytest.mark.parametrize("width", [43, 44, 1, 130])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_experts_match_a_dense_reference(backend, width, act):
+    device = "cuda" if backend == "megablocks" else "cpu"
+    wi, wo = random_experts(len(COUNTS[0]), width)
+    w_in_EDF, w_out_EFD = stack_experts(wi, wo)
+    assert w_in_EDF.shape == (5, D, padded_width(width, torch.float32)) and w_in_EDF.is_contiguous()
+    experts = GroupedExperts(w_in_EDF.to(device), w_out_EFD.to(device), ACT2FN[act], backend)
+    for counts in COUNTS:
+        counts_E = torch.tensor(counts)
+        expert_N = torch.repeat_interleave(torch.arange(len(counts)), counts_E)
+        x_ND = torch.randn(len(expert_N), D)
+        out_ND = experts(x_ND.to(device), counts_E).cpu()
+        torch.testing.assert_close(out_ND, dense_reference(x_ND, expert_N, wi, wo, ACT2FN[act]), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_mm_and_loop_agree_and_slices_sum_to_the_full_expert():
+    """MoEShard's identity: column slices of d_ff (uneven: 44, 43, 43) summed give the full FFN."""
+    wi, wo = random_experts(5, 130, seed=1)
+    counts_E = torch.tensor(COUNTS[0])
+    x_ND = torch.randn(int(counts_E.sum()), D)
+    full = {b: GroupedExperts(*stack_experts(wi, wo), nn.ReLU(), b)(x_ND, counts_E) for b in ("grouped_mm", "loop")}
+    torch.testing.assert_close(full["grouped_mm"], full["loop"], atol=1e-5, rtol=1e-5)
+    parts = []
+    for lo, hi in [(0, 44), (44, 87), (87, 130)]:
+        w = stack_experts([m[lo:hi] for m in wi], [m[:, lo:hi] for m in wo])
+        parts.append(GroupedExperts(*w, nn.ReLU(), "grouped_mm")(x_ND, counts_E))
+    torch.testing.assert_close(sum(parts), full["loop"], atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_dispatch_on_one_worker_equals_the_dense_reference():
+    E, width = 6, 43
+    wi, wo = random_experts(E, width, seed=2)
+    comm = Collectives()  # no process group: one worker
+    assert (comm.world, comm.rank) == (1, 0)
+    dispatch = ShardedDispatch(GroupedExperts(*stack_experts(wi, wo), nn.ReLU(), "grouped_mm"), comm, SectionTimer(torch.device("cpu")))
+    gen = torch.Generator().manual_seed(0)
+    x_TD = torch.randn(50, D, generator=gen)
+    expert_T = torch.tensor([0, 2, 5])[torch.randint(0, 3, (50,), generator=gen)]  # experts 1, 3, 4 get nothing
+    y_TD, counts_GE = dispatch(x_TD, expert_T)
+    assert counts_GE.tolist() == [torch.bincount(expert_T, minlength=E).tolist()]
+    # returned in the caller's token order, unscaled
+    torch.testing.assert_close(y_TD, dense_reference(x_TD, expert_T, wi, wo, nn.ReLU()), atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_sparse_mlp_matches_transformers_on_real_tokens():
+    """The drop-in layer on one worker against transformers' own sparse MLP (made dropless);
+    padding positions are not routed and get a zero MLP output."""
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+    from moeshard_cli.builtin import builtin_config
+
+    config = builtin_config("tiny-switch")
+    torch.manual_seed(0)
+    hf = SwitchTransformersSparseMLP(config).eval()
+    hf.router.expert_capacity = 10**9
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.3)
+    experts = [hf.experts[f"expert_{e}"] for e in range(config.num_experts)]
+    grouped = GroupedExperts(*stack_experts([m.wi.weight.detach() for m in experts], [m.wo.weight.detach() for m in experts]),
+                             ACT2FN[config.dense_act_fn], "grouped_mm")
+    ctx = TokenContext()
+    layer = ShardedSparseMLP(config.d_model, config.num_experts, config.router_bias,
+                             ShardedDispatch(grouped, Collectives(), SectionTimer(torch.device("cpu"))), RouterSpec(), ctx, 1)
+    layer.router.classifier.weight.data.copy_(hf.router.classifier.weight)
+    hidden_BSD = torch.randn(3, 7, config.d_model)
+    mask_BS = torch.zeros(3, 7, dtype=torch.long)
+    for row, n in enumerate([7, 2, 5]):
+        mask_BS[row, :n] = 1
+    ctx.set_batch(mask_BS, torch.arange(21).view(3, 7))
+    with torch.inference_mode():
+        ours_BSD, theirs_BSD = layer(hidden_BSD), hf(hidden_BSD)
+    real = mask_BS.bool()
+    torch.testing.assert_close(ours_BSD[real], theirs_BSD[real], atol=1e-5, rtol=1e-5)
+    assert torch.equal(ours_BSD[~real], torch.zeros_like(ours_BSD[~real]))
+    assert int(layer.load.tokens_E.sum()) == int(mask_BS.sum()) == int(layer.load.tokens_G.sum())
+
+
+# ---------------------------------------------------------------- corpus
+
+
+@pytest.mark.parametrize("n_lines, batch_size, world", [(0, 3, 2), (1, 3, 4), (2, 1, 4), (10, 3, 1), (10, 3, 3), (37, 4, 2), (100, 7, 4), (5, 100, 3)])
+def test_plan_batches_covers_every_line_once_round_robin(n_lines, batch_size, world):
+    gen = torch.Generator().manual_seed(n_lines)
+    lengths = torch.randint(1, 50, (n_lines,), generator=gen).tolist()
+    per_rank = plan_batches(lengths, batch_size, world)
+    assert len(per_rank) == world
+    n_batches = sum(len(b) for b in per_rank)
+    assert n_batches == -(-n_lines // batch_size)
+    # batch k of the global order belongs to worker k % world
+    ordered = [per_rank[k % world][k // world] for k in range(n_batches)]
+    flat = [i for batch in ordered for i in batch]
+    assert sorted(flat) == list(range(n_lines))
+    assert all(1 <= len(b) <= batch_size for b in ordered)
+    # bucketed by length, longest first, ties in input order
+    assert flat == sorted(range(n_lines), key=lambda i: (-lengths[i], i))
+
+
+def test_plan_batches_rejects_a_batch_size_below_one():
+    with pytest.raises(UserError, match="--batch-size 0"):
+        plan_batches([3, 4], 0, 2)
+
+
+@pytest.mark.parametrize("data, lines", [
+    (b"a\n\nb\n", ["a", "", "b"]),
+    (b"a\n\nb", ["a", "", "b"]),
+    (b"\n", [""]),
+    (b"\n\n", ["", ""]),
+    (b"x\r\ny\r\n\r\n", ["x", "y", ""]),
+    (b"  spaced  \n\tz", ["  spaced  ", "\tz"]),
+    ("h\u00e9llo \u2713\n\u65e5\u672c\n".encode(), ["h\u00e9llo \u2713", "\u65e5\u672c"]),
+])
+def test_read_lines_keeps_empty_lines_and_strips_the_newline(tmp_path, data, lines):
+    path = tmp_path / "in.txt"
+    path.write_bytes(data)
+    assert read_lines(path) == lines
+
+
+@pytest.mark.parametrize("data, line", [(b"\xff\n", 1), (b"ok\nok\n\xe9t\xe9\n", 3), (b"a\n\nb\n\nc \x80", 5), ("\u00e9\n".encode() + b"\xc3", 2)])
+def test_read_lines_names_the_line_that_is_not_utf8(tmp_path, data, line):
+    path = tmp_path / "in.txt"
+    path.write_bytes(data)
+    with pytest.raises(UserError) as info:
+        read_lines(path)
+    assert f"not UTF-8 (line {line}," in info.value.line() and info.value.fix
+
+
+def test_read_lines_rejects_missing_and_empty_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        read_lines(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(UserError, match="is empty"):
+        read_lines(tmp_path / "empty.txt")
+
+
+def test_tokenize_truncates_like_transformers():
+    tokenizer = ByT5Tokenizer()
+    lines = ["", "short", "x" * 9, "y" * 10, "z" * 40, "\u00e9\u2713\u65e5" * 5, "w" * 11]
+    out = tokenize(lines, tokenizer, max_length=10)
+    full = tokenizer(lines)["input_ids"]
+    cut = tokenizer(lines, truncation=True, max_length=10)["input_ids"]
+    assert out.ids == cut
+    assert out.truncated == sum(len(row) > 10 for row in full) == 4
+    assert all(row[-1] == tokenizer.eos_token_id for row in out.ids)  # default special tokens kept
+    assert [len(r) for r in out.ids] == [1, 6, 10, 10, 10, 10, 10]
+    assert tokenize(lines, tokenizer, max_length=512).truncated == 0
+
+
+def test_tokenize_rejects_a_max_length_below_two():
+    with pytest.raises(UserError, match="--max-length 1"):
+        tokenize(["a"], ByT5Tokenizer(), 1)

@@ -1,0 +1,630 @@
+"""`moeshard run` end to end: real worker processes against transformers' own encoder.
+
+Every `moeshard run` costs seconds of process start-up, so the runs share one corpus that
+holds every hard case (padding, empty lines, lines past --max-length, non-ASCII) and are
+started together, three at a time, by one module fixture; the tests then read their outputs.
+Bad input that is refused before any worker starts goes through the CLI in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import cli_popen, invoke
+from moeshard_cli.launch import free_port
+from moeshard_cli.manifest import MANIFEST, read_shard_set
+from moeshard_cli.model import reassemble_state, reference_encoder, switch_config
+from moeshard_cli.moe.routing import RouterSpec
+from moeshard_cli.reference import reference_embeddings
+from moeshard_cli.run import MAX_CPU_WORKERS_PER_CORE
+
+pytestmark = pytest.mark.slow
+
+TOL = 1e-4
+MAX_LENGTH = 40
+BATCH = 3
+SKEW = RouterSpec("skewed", skew=0.6)
+# Row 0 and others empty; lengths vary so batches of 3 are padded; several lines are longer
+# than 40 byte tokens (ASCII and multi-byte ones, cut inside a character); non-ASCII text.
+CORPUS = [
+    "",
+    "Hello world.",
+    "A line that is much longer than the forty tokens this run keeps, so it must be truncated.",
+    "short",
+    "non-ASCII: h\u00e9llo w\u00f6rld, na\u00efve caf\u00e9 \u2713",
+    "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8",
+    "",
+    "emoji \U0001f642\U0001f680 and more",
+    "x",
+    "tabs\tand  spaces  ",
+    "\u0395\u03bb\u03bb\u03b7\u03bd\u03b9\u03ba\u03ac \u0438 \u0440\u0443\u0441\u0441\u043a\u0438\u0439 \u0442\u0435\u043a\u0441\u0442, longer than forty bytes",
+    "The quick brown fox jumps over the lazy dog",
+    "12345",
+    "",
+    "medium length line with some words",
+    "a b c d e f g",
+    "   ",
+    "the last line",
+]
+FEW = ["two lines, four workers", "\u00e9"]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+    seconds: float
+    output: Path
+    json: Path | None
+
+
+def start(args, log: Path, cwd: Path | None = None, env: dict | None = None, python: list[str] | None = None):
+    """`moeshard ARGS` (or `python PYTHON ARGS`) in a subprocess whose stdout/stderr go to files (no pipe to fill)."""
+    out, err = open(log.with_suffix(".out"), "w"), open(log.with_suffix(".err"), "w")
+    argv = [sys.executable, *(python or ["-m", "moeshard_cli"]), *map(str, args)]
+    proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, "COLUMNS": "200", **(env or {})}, stdout=out, stderr=err,
+                            text=True, start_new_session=True)
+    return proc, out, err
+
+
+def finish(proc, out, err, started: float, output: Path, json_path: Path | None, timeout: float = 300) -> Result:
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out.close()
+        err.close()
+    return Result(code, Path(out.name).read_text(), Path(err.name).read_text(), time.perf_counter() - started, output, json_path)
+
+
+def run_groups(groups: dict[str, list[dict]], parallel: int = 3, timeout: float = 300) -> dict[str, list[Result]]:
+    """Run groups of `moeshard run` commands, `parallel` groups at a time; a group's commands run together.
+    (Three at a time keeps two cores busy through each run's idle start-up and shut-down.)"""
+    pending, running, results = list(groups.items()), [], {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, cmds = pending.pop(0)
+            procs = []
+            for cmd in cmds:
+                procs.append((start(cmd["args"], cmd["log"], cmd.get("cwd"), cmd.get("env"), cmd.get("python")), cmd))
+                time.sleep(cmd.get("then_wait", 0))
+            running.append((name, time.perf_counter(), procs))
+        for item in list(running):
+            name, started, procs = item
+            if time.perf_counter() - started > timeout:  # hung: stop it and its workers
+                for (p, _, _), _ in procs:
+                    if p.poll() is None:
+                        os.killpg(p.pid, signal.SIGKILL)
+            if all(p.poll() is not None for (p, _, _), _ in procs):
+                results[name] = [finish(p, o, e, started, cmd["output"], cmd.get("json")) for (p, o, e), cmd in procs]
+                running.remove(item)
+        time.sleep(0.05)
+    return results
+
+
+def read_output(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def error_line(err: str) -> str:
+    """The one line a refusal prints; fails if there is anything else (a traceback, a warning)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert "Traceback" not in err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def assert_no_output(path: Path) -> None:
+    assert not path.exists()
+    if path.parent.is_dir():
+        assert not [p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}")], "temporary files left behind"
+
+
+def shard(world: int, out: Path) -> Path:
+    code, _, err = invoke(["shard", "tiny-switch", "--gpus", world, "--out", out])
+    assert code == 0, err
+    return out
+
+
+# `moeshard ARGV[2:]` with every worker running `failing_worker` (sys.argv[1]: this directory)
+FAILING_RUN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import test_run
+import moeshard_cli.run
+launch = moeshard_cli.run.launch
+moeshard_cli.run.launch = lambda entrypoint, *args, **kwargs: launch(test_run.failing_worker, *args, **kwargs)
+sys.argv = ["moeshard", *sys.argv[2:]]
+from moeshard_cli.cli import main
+main()
+"""
+
+
+def failing_worker(job):
+    """worker_main, except that rank $MOESHARD_TEST_FAIL_RANK raises in its third MoE layer."""
+    from moeshard_cli import worker
+    from moeshard_cli.moe.layer import ShardedSparseMLP
+
+    forward, calls = ShardedSparseMLP.forward, []
+
+    def failing(self, hidden_BSD):
+        calls.append(1)
+        if os.environ["RANK"] == os.environ["MOESHARD_TEST_FAIL_RANK"] and len(calls) == 3:
+            raise ValueError("injected failure")
+        return forward(self, hidden_BSD)
+
+    ShardedSparseMLP.forward = failing
+    return worker.worker_main(job)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def place(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("run")
+
+
+@pytest.fixture(scope="module")
+def shard_sets(place) -> dict[int, Path]:
+    """World 1 lives at ./moeshard-shards/ of `place / "home"`, where `run` finds it on its own."""
+    sets = {1: shard(1, place / "home" / "moeshard-shards" / "tiny-switch-w1")}
+    for world in (2, 3, 4):
+        sets[world] = shard(world, place / "sets" / f"w{world}")
+    return sets
+
+
+@pytest.fixture(scope="module")
+def corpora(place) -> dict[str, Path]:
+    paths = {"main": place / "corpus.txt", "few": place / "few.txt"}
+    paths["main"].write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+    paths["few"].write_text("\n".join(FEW), encoding="utf-8")  # no final newline
+    return paths
+
+
+def run_args(corpus: Path, output: Path, *extra) -> list:
+    return ["run", "--input", corpus, "--output", output, "--batch-size", BATCH, "--max-length", MAX_LENGTH, *extra]
+
+
+MATRIX = [(w, r) for w in (1, 2, 3, 4) for r in ("model", "skewed")]
+
+
+@pytest.fixture(scope="module")
+def runs(place, shard_sets, corpora) -> dict[str, list[Result]]:
+    """All successful runs, started together: the world x router matrix, fewer lines than
+    workers, and two nodes on this machine. (1, model) finds its shard set on its own;
+    (3, model) keeps every token (--pooling none)."""
+    out = place / "out"
+    out.mkdir()
+    env = {"TMPDIR": str(place)}  # worker log directories land here
+    groups: dict[str, list[dict]] = {}
+    # Two nodes: node 1 starts first, so the c10d rendezvous (which orders nodes by process
+    # id) would make it rank 0; --node-rank must still give rank 0 to node 0. Started first,
+    # while the free port is still free.
+    endpoint = f"127.0.0.1:{free_port()}"
+    output = out / "two-nodes.safetensors"
+    groups["two-nodes"] = [
+        {"args": run_args(corpora["main"], output, "--shards", shard_sets[2], "--nnodes", 2, "--node-rank", 1,
+                          "--rdzv-endpoint", endpoint, "--timeout", 60),
+         "log": out / "node1", "env": env, "output": output, "then_wait": 1.0},
+        {"args": run_args(corpora["main"], output, "--json", out / "node0.json", "--shards", shard_sets[2], "--nnodes", 2, "--node-rank", 0,
+                          "--rdzv-endpoint", endpoint, "--timeout", 60),
+         "log": out / "node0", "env": env, "output": output, "json": out / "node0.json"},
+    ]
+    for world, router in MATRIX:
+        name = f"w{world}-{router}"
+        output, json_path = out / f"{name}.safetensors", out / f"{name}.json"
+        extra = [] if (world, router) == (1, "model") else ["--shards", shard_sets[world]]
+        if router == "skewed":
+            extra += ["--router", "skewed", "--skew", SKEW.skew]
+        if (world, router) == (3, "model"):
+            extra += ["--pooling", "none"]
+        cwd = place / "home" if (world, router) == (1, "model") else None
+        groups[name] = [{"args": run_args(corpora["main"], output, "--json", json_path, *extra), "log": out / name, "cwd": cwd,
+                         "env": env, "output": output, "json": json_path}]
+    # A worker that raises while its peer waits in a collective: the peer's "connection
+    # closed" must not be reported in its place.
+    output = out / "failing-rank.safetensors"
+    groups["failing-rank"] = [{"args": ["run", "--shards", shard_sets[2], "--input", corpora["main"], "--output", output, "--batch-size", BATCH],
+                               "python": ["-c", FAILING_RUN, str(Path(__file__).parent)], "log": out / "failing-rank",
+                               "env": {**env, "MOESHARD_TEST_FAIL_RANK": "1"}, "output": output}]
+    output = out / "few.safetensors"
+    groups["few"] = [{"args": ["run", "--shards", shard_sets[4], "--input", corpora["few"], "--output", output, "--batch-size", 1],
+                      "log": out / "few", "env": env, "output": output}]
+    return run_groups(groups)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(shard_sets):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(shard_sets[2]))
+
+
+@pytest.fixture(scope="module")
+def reference(shard_sets, tokenizer):
+    """transformers' encoder, dropless, one line at a time: reference(world, router, lines, pooling)."""
+    cache: dict = {}
+
+    def get(world: int, spec: RouterSpec, lines=tuple(CORPUS), pooling: str = "mean"):
+        key = (world, spec, tuple(lines), pooling)
+        if key not in cache:
+            shards = read_shard_set(shard_sets[world])
+            model = reference_encoder(switch_config(shards.config), reassemble_state(shards))
+            ids = tokenizer(list(lines), truncation=True, max_length=MAX_LENGTH)["input_ids"]
+            cache[key] = reference_embeddings(model, ids, spec, pooling)
+        return cache[key]
+
+    return get
+
+
+def succeeded(result: Result) -> None:
+    assert result.code == 0, f"exit {result.code}\nstdout:\n{result.out}\nstderr:\n{result.err}"
+
+
+# ---------------------------------------------------------------- exact against transformers
+
+
+@pytest.mark.parametrize("world, router", MATRIX, ids=[f"w{w}-{r}" for w, r in MATRIX])
+def test_embeddings_match_transformers(runs, reference, world, router):
+    (result,) = runs[f"w{world}-{router}"]
+    succeeded(result)
+    spec = SKEW if router == "skewed" else RouterSpec()
+    tensors, _ = read_output(result.output)
+    if "embeddings" in tensors:
+        got = tensors["embeddings"]
+    else:  # --pooling none: the mean of each line's rows
+        offsets = tensors["offsets"].tolist()
+        got = torch.stack([tensors["hidden_states"][a:b].mean(0) for a, b in zip(offsets, offsets[1:])])
+    expected = torch.stack(reference(world, spec))
+    assert got.dtype == torch.float32 and got.shape == (len(CORPUS), 64)
+    error = (got - expected).abs().max().item()
+    assert error <= TOL, f"max abs error {error:.2e}"
+    if router == "skewed":
+        # the skewed assignment really differs from the checkpoint's router: this test can fail
+        other = (got - torch.stack(reference(world, RouterSpec()))).abs().max().item()
+        assert other > 100 * TOL
+
+
+def test_pooling_none_matches_transformers_per_token(runs, reference, tokenizer):
+    (result,) = runs["w3-model"]
+    succeeded(result)
+    tensors, meta = read_output(result.output)
+    assert set(tensors) == {"hidden_states", "offsets"} and meta["pooling"] == "none"
+    lengths = [len(r) for r in tokenizer(CORPUS, truncation=True, max_length=MAX_LENGTH)["input_ids"]]
+    offsets = tensors["offsets"]
+    assert offsets.dtype == torch.int64 and offsets.tolist() == [sum(lengths[:i]) for i in range(len(CORPUS) + 1)]
+    expected = torch.cat(reference(3, RouterSpec(), pooling="none"))
+    assert tensors["hidden_states"].shape == expected.shape == (sum(lengths), 64)
+    assert (tensors["hidden_states"] - expected).abs().max().item() <= TOL
+
+
+def test_fewer_lines_than_workers(runs, reference):
+    (result,) = runs["few"]
+    succeeded(result)
+    tensors, meta = read_output(result.output)
+    assert meta["world_size"] == "4" and tensors["embeddings"].shape == (2, 64)
+    assert (tensors["embeddings"] - torch.stack(reference(4, RouterSpec(), FEW))).abs().max().item() <= TOL
+
+
+# ---------------------------------------------------------------- what the run reports
+
+
+@pytest.mark.parametrize("world, router", MATRIX, ids=[f"w{w}-{r}" for w, r in MATRIX])
+def test_header_json_and_summary(runs, shard_sets, tokenizer, world, router):
+    (result,) = runs[f"w{world}-{router}"]
+    succeeded(result)
+    _, meta = read_output(result.output)
+    auto = (world, router) == (1, "model")
+    shards = Path("moeshard-shards/tiny-switch-w1") if auto else shard_sets[world]
+    assert meta["source"] == "tiny-switch"
+    assert Path(meta["shards"]) == shards
+    assert meta["world_size"] == str(world) and meta["dtype"] == "float32"
+    assert meta["router"] == router and meta["max_length"] == str(MAX_LENGTH)
+
+    full = tokenizer(CORPUS)["input_ids"]
+    ids = tokenizer(CORPUS, truncation=True, max_length=MAX_LENGTH)["input_ids"]
+    truncated = sum(len(r) > MAX_LENGTH for r in full)
+    assert truncated >= 3
+    fig = json.loads(result.json.read_text())
+    assert {"shards", "output", "world_size", "device", "backend", "lines", "truncated_lines", "tokens", "wall_s", "tokens_per_s",
+            "batches", "ttft_s", "comm_s", "compute_s", "layers"} <= set(fig)
+    assert fig["world_size"] == world and fig["device"] == "cpu" and fig["backend"] == "grouped_mm"
+    assert fig["lines"] == len(CORPUS) and fig["truncated_lines"] == truncated
+    assert fig["tokens"] == sum(len(r) for r in ids)
+    assert Path(fig["output"]) == result.output and Path(fig["shards"]) == shards
+    assert fig["batches"] == len(range(0, -(-len(CORPUS) // BATCH), world))  # rank 0's share of round robin
+    assert set(fig["ttft_s"]) == {"mean", "p50", "p90"} and 0 < fig["ttft_s"]["p50"] <= fig["ttft_s"]["p90"]
+    assert fig["wall_s"] > 0 and fig["tokens_per_s"] > 0 and fig["comm_s"] >= 0 and fig["compute_s"] > 0
+
+    # every real token is routed exactly once per MoE layer, padding never
+    from moeshard_cli.corpus import plan_batches
+
+    plan = plan_batches([len(r) for r in ids], BATCH, world)
+    per_worker = [sum(len(ids[i]) for batch in plan[g] for i in batch) for g in range(world)]
+    assert [layer["layer"] for layer in fig["layers"]] == [1, 3]
+    for layer in fig["layers"]:
+        assert layer["tokens_per_worker"] == per_worker
+        assert layer["mean_tokens_per_expert"] * 8 == pytest.approx(fig["tokens"])
+        assert layer["mean_tokens_per_expert"] <= layer["max_tokens_per_expert"] <= fig["tokens"]
+        if router == "skewed":  # expert 0 draws (1/8 + 0.6) / 1.6 = 45% of the tokens
+            assert layer["max_tokens_per_expert"] > 0.3 * fig["tokens"]
+
+    assert f"{len(CORPUS)} ({truncated} truncated)" in result.out
+    assert str(result.output.name) in result.out and "expert load" in result.out
+    assert result.err.strip() == ""
+
+
+# ---------------------------------------------------------------- two nodes
+
+
+def test_two_nodes_give_the_one_node_output(runs):
+    node1, node0 = runs["two-nodes"]
+    succeeded(node0)
+    succeeded(node1)
+    two, meta = read_output(node0.output)
+    one, _ = read_output(runs["w2-model"][0].output)
+    assert meta["world_size"] == "2"
+    assert (two["embeddings"] - one["embeddings"]).abs().max().item() <= 1e-6
+    # rank 0, the one writer, is on node 0 whatever order the nodes joined in
+    assert "moeshard run: 2 workers" in node0.out and f"wrote {node0.output}" in node0.out
+    assert "rank 0 (on another node)" in node1.out and "moeshard run:" not in node1.out
+    assert json.loads(node0.json.read_text())["lines"] == len(CORPUS)
+    assert [p.name for p in node0.output.parent.iterdir() if "two-nodes" in p.name] == [node0.output.name]
+
+
+# ---------------------------------------------------------------- found without --shards
+
+
+def test_several_shard_sets_are_listed(tmp_path, corpora):
+    for name in ("tiny-switch-w2", "tiny-switch-w4"):
+        (tmp_path / "moeshard-shards" / name).mkdir(parents=True)
+        (tmp_path / "moeshard-shards" / name / MANIFEST).write_text("{}")
+    code, _, err = invoke(["run", "--input", corpora["main"], "--output", tmp_path / "o.safetensors"], cwd=tmp_path)
+    line = error_line(err)
+    assert code == 2 and "several shard sets found" in line and "tiny-switch-w2" in line and "tiny-switch-w4" in line and "--shards" in line
+    code, _, err = invoke(["run", "--input", corpora["main"]], cwd=tmp_path / "moeshard-shards")
+    assert code == 2 and "no shard set found" in error_line(err)
+
+
+# ---------------------------------------------------------------- a worker dies
+
+
+def test_a_failing_worker_is_named_not_its_peer(runs):
+    (result,) = runs["failing-rank"]
+    assert result.code == 2
+    line = error_line(result.err)
+    assert "worker rank 1 failed: ValueError: injected failure" in line and "logs are in" in line
+    assert_no_output(result.output)
+
+
+def test_a_killed_worker_stops_the_run_and_names_its_rank(tmp_path, shard_sets):
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("".join(f"line {i} " + "word " * (i % 60) + "\n" for i in range(20_000)))
+    output = tmp_path / "big.safetensors"
+    proc = cli_popen(["run", "--shards", shard_sets[2], "--input", corpus, "--output", output, "--batch-size", 4],
+                     env={"TMPDIR": str(tmp_path)}, start_new_session=True)
+    try:
+        victim = None
+        deadline = time.monotonic() + 120
+        while victim is None and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    # a worker's stderr goes to <log dir>/<run>/attempt_0/<local rank>/stderr.log
+                    mine = any(re.search(r"/attempt_\d+/1/stderr\.log$", f.path) for f in child.open_files())
+                    # past imports and model loading, well into encoding
+                    if mine and sum(child.cpu_times()[:2]) > 5:
+                        victim = child
+                except psutil.NoSuchProcess:
+                    pass
+            time.sleep(0.2)
+        assert victim is not None, "rank 1 never got going"
+        victim.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        assert time.monotonic() - killed < 60
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    line = error_line(err)
+    assert "worker rank 1 failed: killed by SIGKILL" in line and "logs are in" in line
+    assert_no_output(output)
+
+
+# ---------------------------------------------------------------- refused before any worker starts
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_manifest(root: Path, edit) -> None:
+    data = json.loads((root / MANIFEST).read_text())
+    edit(data)
+    (root / MANIFEST).write_text(json.dumps(data))
+
+
+def _rank_file(root: Path, rank: int) -> Path:
+    return root / read_shard_set(root).data["files"][rank]["name"]
+
+
+def missing_rank_file(root):
+    _rank_file(root, 1).unlink()
+
+
+def truncated_rank_file(root):
+    path = _rank_file(root, 1)
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def corrupt_rank_file(root):
+    path = _rank_file(root, 0)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, same header: only the checksum tells
+    path.write_bytes(bytes(data))
+
+
+def manifest_world_size(root):
+    _edit_manifest(root, lambda d: d.update(world_size=3))
+
+
+def manifest_bytes(root):
+    _edit_manifest(root, lambda d: d["files"][1].update(bytes=d["files"][1]["bytes"] + 1))
+
+
+def manifest_swapped_files(root):
+    def swap(d):
+        d["files"][0]["name"], d["files"][1]["name"] = d["files"][1]["name"], d["files"][0]["name"]
+    _edit_manifest(root, swap)
+
+
+SHARD_DAMAGE = [
+    (missing_rank_file, [], ["rank file", "rank-00001-of-00002.safetensors is missing"]),
+    (truncated_rank_file, [], ["rank-00001-of-00002.safetensors has", "bytes, the manifest says"]),
+    (corrupt_rank_file, ["--verify"], ["rank-00000-of-00002.safetensors fails its sha256 checksum"]),
+    (manifest_world_size, [], ["says world size 3 but lists 2 rank files"]),
+    (manifest_bytes, [], ["rank-00001-of-00002.safetensors has", "bytes, the manifest says"]),
+    (manifest_swapped_files, [], ["does not match the manifest"]),
+]
+
+
+@pytest.mark.parametrize("damage, extra, needles", SHARD_DAMAGE, ids=[d.__name__ for d, _, _ in SHARD_DAMAGE])
+def test_damaged_shard_set_is_refused(tmp_path, shard_sets, corpora, damage, extra, needles):
+    root = _copy(shard_sets[2], tmp_path / "w2")
+    damage(root)
+    output = tmp_path / "out.safetensors"
+    code, _, err = invoke(["run", "--shards", root, "--input", corpora["main"], "--output", output, *extra])
+    line = error_line(err)
+    assert code == 2 and all(n in line for n in needles), line
+    assert "moeshard shard" in line or "re-shard" in line  # names the fix
+    assert_no_output(output)
+
+
+def test_corrupt_bytes_pass_the_cheap_checks(tmp_path, shard_sets, corpora, monkeypatch):
+    """Only --verify reads whole files: without it, the size and header checks pass (and the
+    run goes on to start workers, which is stopped here)."""
+    import moeshard_cli.run as run_module
+
+    root = _copy(shard_sets[2], tmp_path / "w2")
+    corrupt_rank_file(root)
+
+    def no_launch(*args, **kwargs):
+        raise run_module.UserError("launch reached", "")
+
+    monkeypatch.setattr(run_module, "launch", no_launch)
+    code, _, err = invoke(["run", "--shards", root, "--input", corpora["main"], "--output", tmp_path / "o.safetensors"])
+    assert code == 2 and "launch reached" in err
+
+
+def test_more_workers_than_the_machine_can_host(tmp_path, corpora, monkeypatch):
+    cores = 2
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    world = MAX_CPU_WORKERS_PER_CORE * cores + 1
+    root = shard(world, tmp_path / f"w{world}")
+    output = tmp_path / "out.safetensors"
+    code, _, err = invoke(["run", "--shards", root, "--input", corpora["main"], "--output", output])
+    line = error_line(err)
+    assert code == 2 and f"{world} CPU workers on {cores} cores" in line and f"at most {world - 1} ranks" in line
+    assert_no_output(output)
+
+
+def test_cuda_without_gpus(tmp_path, shard_sets, corpora, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    output = tmp_path / "out.safetensors"
+    code, _, err = invoke(["run", "--shards", shard_sets[2], "--input", corpora["main"], "--output", output, "--device", "cuda"])
+    line = error_line(err)
+    assert code == 2 and "has 0 GPUs" in line and "--device cpu" in line
+    assert_no_output(output)
+
+
+def _input(tmp_path, data: bytes | None) -> Path:
+    path = tmp_path / "in.txt"
+    if data is not None:
+        path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("data, needle", [
+    (None, "does not exist"),
+    (b"", "is empty"),
+    (b"fine\n\nstill fine \xc3\xa9\nnot \xe9 utf-8\n", "is not UTF-8 (line 4"),
+], ids=["missing", "empty", "not-utf8"])
+def test_bad_input_is_refused(tmp_path, shard_sets, data, needle):
+    path = _input(tmp_path, data)
+    output = tmp_path / "out.safetensors"
+    code, _, err = invoke(["run", "--shards", shard_sets[2], "--input", path, "--output", output])
+    line = error_line(err)
+    assert code == 2 and needle in line and str(path) in line
+    assert_no_output(output)
+
+
+@pytest.mark.parametrize("where", ["is-a-directory", "parent-missing", "parent-is-a-file", "json-parent-missing"])
+def test_unwritable_output_is_refused(tmp_path, shard_sets, corpora, where):
+    (tmp_path / "a-file").write_text("x")
+    output = {"is-a-directory": tmp_path, "parent-missing": tmp_path / "nope" / "o.safetensors",
+              "parent-is-a-file": tmp_path / "a-file" / "o.safetensors"}.get(where, tmp_path / "o.safetensors")
+    extra = ["--json", tmp_path / "nope" / "o.json"] if where == "json-parent-missing" else []
+    code, _, err = invoke(["run", "--shards", shard_sets[2], "--input", corpora["main"], "--output", output, *extra])
+    line = error_line(err)
+    assert code == 2 and ("cannot write" in line or "is a directory" in line)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_node_rank_outside_the_nodes(tmp_path, shard_sets, corpora):
+    output = tmp_path / "out.safetensors"
+    code, _, err = invoke(["run", "--shards", shard_sets[2], "--input", corpora["main"], "--output", output,
+                           "--nnodes", 2, "--node-rank", 2, "--rdzv-endpoint", "127.0.0.1:1"])
+    assert code == 2 and "--node-rank 2 is outside 0..1" in error_line(err)
+    assert_no_output(output)
+
+
+# ---------------------------------------------------------------- the same refusals from a real process
+
+
+def test_real_process_refuses_unwritable_output_fast(tmp_path, shard_sets, corpora):
+    """Checked before any work: before the shard set (here missing a rank file) and the workers."""
+    root = _copy(shard_sets[4], tmp_path / "w4")
+    missing_rank_file(root)
+    output = tmp_path / "nope" / "o.safetensors"
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "moeshard_cli", "run", "--shards", str(root), "--input", str(corpora["main"]),
+                           "--output", str(output), "--verify"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "200"})
+    seconds = time.perf_counter() - started
+    line = error_line(proc.stderr)
+    assert proc.returncode == 2 and "cannot write --output" in line and "does not exist" in line
+    assert seconds < 8, f"took {seconds:.1f} s"
+
+
+def test_real_process_refuses_a_missing_input(tmp_path, shard_sets):
+    proc = subprocess.run([sys.executable, "-m", "moeshard_cli", "run", "--shards", str(shard_sets[1]), "--input", str(tmp_path / "nope.txt")],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    line = error_line(proc.stderr)
+    assert proc.returncode == 2 and "nope.txt does not exist" in line and "--input" in line
+    assert list(tmp_path.iterdir()) == []
