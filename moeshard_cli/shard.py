@@ -7,8 +7,11 @@ manifest, written last and atomically, names the finished files.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +88,50 @@ def rank_layouts(source: Source, bounds, dtype: torch.dtype):
     return layouts
 
 
+def _allow_open_files(world: int) -> None:
+    """Every rank file stays open while the source streams through: raise the soft open-file limit
+    (often 1024) towards the hard one when N needs it. --gpus 3072 on switch-base is valid."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = world + 256  # headroom for the source files, the interpreter and its libraries
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+
+
+def stream(source: Source, writers: list[StreamingSafetensorsWriter], bounds, dtype: torch.dtype, has_shared: bool, advance) -> None:
+    """Read every kept tensor once and append its per-rank parts to the rank files.
+
+    Pipelined: while a few threads hash and write tensor k into every rank file (hashlib and file
+    writes release the GIL), this thread reads, casts and slices tensor k+1. Waiting for tensor k
+    before handing out k+1 keeps each file's bytes in order and memory at about three tensors.
+    Torch's own intra-op threads are turned off meanwhile: slicing copies are memory-bound, and
+    on top of the pool they oversubscribe the cores (a strided copy ran 17x slower on 2 busy cores).
+    """
+    kept = [(entry, role) for entry in source.tensors if (role := classify(entry.name, has_shared)).kind != "drop"]
+    pool = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 1, 2 * len(writers))), thread_name_prefix="moeshard-write")
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tensor = kept[0][0].load().to(dtype) if kept else None
+        for i, (entry, role) in enumerate(kept):
+            jobs, nbytes = [], 0
+            for writer, (lo, hi) in zip(writers, bounds):
+                data = writer.prepare(role.out_name, slice_expert(role.matrix, tensor, lo, hi) if role.kind == "expert" else tensor)
+                jobs += [pool.submit(writer.hash, data), pool.submit(writer.append, data)]
+                nbytes += data.nbytes
+            del data
+            tensor = kept[i + 1][0].load().to(dtype) if i + 1 < len(kept) else None
+            for job in wait(jobs).done:
+                job.result()  # re-raises a failed write (a full disk) here
+            advance(nbytes)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(torch_threads)
+
+
 def shard(source_arg: str, world: int, out: Path | None, dtype_name: str, revision: str | None, force: bool, progress=None) -> ShardResult:
     """Run the whole command. `progress(total_bytes)` returns a callable advanced by bytes written."""
     if world < 1:
@@ -96,6 +143,7 @@ def shard(source_arg: str, world: int, out: Path | None, dtype_name: str, revisi
     d_ff = source.config.d_ff
     bounds = slice_bounds(d_ff, world)
     out = out or default_out(source_arg, world)
+    created = not out.exists()
     prepare_out(out, force)
 
     start = time.perf_counter()
@@ -104,29 +152,23 @@ def shard(source_arg: str, world: int, out: Path | None, dtype_name: str, revisi
     written: list[Path] = []
     writers = []
     try:
+        _allow_open_files(world)
         for rank, layout in enumerate(layouts):
             meta = {"format": "pt", "moeshard_rank": str(rank), "moeshard_world": str(world),
                     "slice": f"{bounds[rank][0]},{bounds[rank][1]}", "source": source.label}
             writers.append(StreamingSafetensorsWriter(out / rank_file_name(rank, world), layout, meta))
         advance = progress(sum(w.size for w in writers)) if progress else (lambda n: None)
-        for entry in source.tensors:
-            role = classify(entry.name, has_shared)
-            if role.kind == "drop":
-                continue
-            tensor = entry.load().to(dtype)
-            for rank, writer in enumerate(writers):
-                part = slice_expert(role.matrix, tensor, *bounds[rank]) if role.kind == "expert" else tensor
-                advance(writer.write(role.out_name, part))
-            del tensor
+        stream(source, writers, bounds, dtype, has_shared, advance)
         files = []
         for rank, writer in enumerate(writers):
             sha = writer.commit()
             written.append(writer.path)
             files.append({"rank": rank, "name": writer.path.name, "bytes": writer.size, "sha256": sha})
-        written.append(out / "config.json")
+        # Listed before writing: a write that fails halfway must not leave its file. prepare_out left
+        # `out` empty, so every one of these names is ours to remove.
+        written += [out / "config.json", *(out / n for n in TOKENIZER_FILES)]
         source.config.to_json_file(str(out / "config.json"))
         tokenizer_files = source.save_tokenizer(out)
-        written += [out / n for n in tokenizer_files]
         sparse = sorted({int(n.split(".")[2]) for n, *_ in layouts[0] if ".experts." in n})
         manifest = {
             "format_version": FORMAT_VERSION, "tool": "moeshard", "tool_version": __version__,
@@ -142,6 +184,11 @@ def shard(source_arg: str, world: int, out: Path | None, dtype_name: str, revisi
             writer.abort()
         for path in written:
             path.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        if isinstance(exc, OSError) and exc.errno == errno.EMFILE:
+            raise UserError(f"--gpus {world} needs {world} rank files open at once, more than this process may open", "raise the limit (ulimit -n) or use fewer ranks") from exc
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise UserError(f"disk full while writing {out}", "free space (the shard set needs about the checkpoint's encoder size) or choose another --out") from exc
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
