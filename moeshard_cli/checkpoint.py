@@ -283,20 +283,18 @@ def _local_source(path: Path, label: str, kind: str) -> Source:
 
 def _shard_set_source(path: Path, label: str) -> Source:
     """A moeshard shard set read back as a checkpoint: experts are the concatenation of the rank slices."""
-    from safetensors import safe_open
-
     from moeshard_cli.manifest import check_files, read_shard_set
 
     shards = read_shard_set(path)
     check_files(shards)
-    handles = [safe_open(str(shards.rank_file(r)), framework="pt") for r in range(shards.world_size)]
+    ranks = [_open_safetensors(shards.rank_file(r)) for r in range(shards.world_size)]
     config = SwitchTransformersConfig.from_dict(dict(shards.config))
 
     def load(key: str) -> torch.Tensor:
         m = EXPERT_KEY.match(key)
         if not m:
-            return handles[0].get_tensor(key)
-        return torch.cat([h.get_tensor(key) for h in handles], dim=0 if m.group(3) == "wi" else 1)
+            return ranks[0][key].load()
+        return torch.cat([rank[key].load() for rank in ranks], dim=0 if m.group(3) == "wi" else 1)
 
-    entries = [TensorEntry(k, shape, getattr(torch, shards.dtype), (lambda k=k: load(k))) for k, (shape, _) in expected_encoder_tensors(config).items()]
+    entries = [TensorEntry(k, shape, ranks[0][k].dtype, functools.partial(load, k)) for k, (shape, _) in expected_encoder_tensors(config).items()]
     return Source(label=label, kind="shard-set", config=config, tensors=entries, path=str(path.resolve()), tokenizer_dir=path)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from moeshard_cli import __version__
 from moeshard_cli.builtin import DEFAULT_MODEL
@@ -95,7 +96,7 @@ def run(
     )
     summary = do_run(opts)
     print_run_summary(console, summary)
-    if json_path:
+    if json_path and summary.result is not None:  # only the node that hosts rank 0 has the figures
         from moeshard_cli.manifest import write_json_atomic
 
         write_json_atomic(json_path, summary.figures())
@@ -167,15 +168,13 @@ def demo(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except UserError as exc:
         if STATE["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {exc.line()}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(exc.line(), 2)
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/]")
-        sys.exit(130)
+        _fail("interrupted", 130)
     except Exception as exc:  # click usage errors come through here too
         import click
 
@@ -185,9 +184,18 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Exit):
             sys.exit(exc.exit_code)
         if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
+            _fail("interrupted", 130)
         if STATE["debug"]:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {first}: rerun with --debug for the traceback and report it", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(f"{type(exc).__name__}: {first}: rerun with --debug for the traceback and report it", 1)
+    # without standalone mode click returns the exit code of Ctrl-C (130) and typer.Exit
+    if isinstance(code, int) and code:
+        if code == 130:
+            _fail("interrupted", 130)
+        sys.exit(code)
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)

@@ -78,6 +78,10 @@ def read_shard_set(root: Path) -> ShardSet:
 
 def check_files(shards: ShardSet, verify: bool = False) -> None:
     """Sizes and safetensors headers always; full sha256 checksums with verify."""
+    world, files = shards.world_size, shards.data["files"]
+    if [f["rank"] for f in files] != list(range(world)) or len(shards.slices) != world:
+        raise UserError(f"{shards.root}/{MANIFEST} says world size {world} but lists {len(files)} rank files and {len(shards.slices)} slices",
+                        "the manifest was edited or the shard set is incomplete: re-shard with --force")
     for entry in shards.data["files"]:
         path = shards.root / entry["name"]
         if not path.is_file():

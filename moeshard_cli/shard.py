@@ -143,6 +143,8 @@ def shard(source_arg: str, world: int, out: Path | None, dtype_name: str, revisi
     d_ff = source.config.d_ff
     bounds = slice_bounds(d_ff, world)
     out = out or default_out(source_arg, world)
+    if source.path and out.exists() and out.resolve() == Path(source.path).resolve():
+        raise UserError(f"--out {out} is the source itself", "write the new shard set to another directory")
     created = not out.exists()
     prepare_out(out, force)
 

@@ -396,7 +396,6 @@ def test_interrupt_cleans_up(tmp_path, monkeypatch):
     assert listing(tmp_path) == [], "an interrupted shard left files behind"
 
 
-@pytest.mark.xfail(strict=True, reason="cli.main ignores the exit code typer returns for Ctrl-C (130) with standalone_mode=False")
 def test_interrupt_exits_130(tmp_path, monkeypatch):
     _interrupt_after(monkeypatch, 20)
     code, _, err = invoke(["shard", "--gpus", 2, "--out", tmp_path / "set"])
