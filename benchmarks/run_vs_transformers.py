@@ -4,7 +4,8 @@ Usage: python benchmarks/run_vs_transformers.py [--model switch-base-8] [--worke
          [--batch-size 8] [--repeats 3] [--out bench-run]
 Prints a markdown table (tokens/s, medians over repeats) for docs/benchmarks.md:
 transformers dropless (all cores), moeshard with the model router, skewed 0 and 0.6,
-and the loop backend. Each moeshard run's wall time excludes process start-up and loading.
+and the loop backend. Both sides time the whole corpus, first batch included, and exclude
+process start-up and model loading.
 """
 
 from __future__ import annotations
@@ -55,11 +56,10 @@ def transformers_tokens_per_s(shards: Path, text: Path, batch_size: int, threads
     model = reference_encoder(switch_config(s.config), reassemble_state(s))
     ids = tokenize(read_lines(text), AutoTokenizer.from_pretrained(str(shards)), 512).ids
     batches = plan_batches([len(r) for r in ids], batch_size, 1)[0]
-    tokens, t0 = 0, None
+    # Like `moeshard run`'s wall time: the whole corpus, first (cold) batch included, loading excluded.
+    tokens, t0 = 0, time.perf_counter()
     with torch.inference_mode():
-        for n, batch in enumerate(batches):
-            if n == 1:  # the first batch warms up
-                tokens, t0 = 0, time.perf_counter()
+        for batch in batches:
             width = max(len(ids[i]) for i in batch)
             x = torch.zeros(len(batch), width, dtype=torch.long)
             m = torch.zeros_like(x)
