@@ -114,7 +114,7 @@ def main() -> None:
     rows = queue.get()
     torch.set_num_threads(1)
     width = -(-D_FF // args.workers)
-    print(f"| E | backend | exchange | skew | experts hit | layer ms | comm ms (share) | floor ms (FLOPs / bytes) | layer / floor |\n|---|---|---|---|---|---|---|---|---|")
+    print("| E | backend | exchange | skew | experts hit | layer ms | comm ms (share) | floor ms (FLOPs / bytes) | layer / floor |\n|---|---|---|---|---|---|---|---|---|")
     for E, backend, strategy, skew, t, c, used in rows:
         f_flops, f_bytes = floors(args.tokens * args.workers, used, width)
         floor = max(f_flops, f_bytes)

@@ -12,7 +12,6 @@ import ctypes
 import functools
 import json
 import mmap
-import os
 import re
 import shutil
 import sys

@@ -121,7 +121,7 @@ def bench(
     paper: bool = typer.Option(False, "--paper", help="The paper's sweep for a 4-GPU node: experts 8-256, batch 10-450, seq 120, 4 workers."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seed of inputs and router draws."),
-    max_cell_seconds: float = typer.Option(20.0, "--max-cell-seconds", help="Time budget per system and configuration before repeats are cut (min 3)."),
+    max_cell_seconds: float = typer.Option(12.0, "--max-cell-seconds", help="Time budget per system and configuration before repeats are cut (min 3)."),
     timeout: float = typer.Option(900.0, "--timeout", help="Seconds a collective may wait before the bench fails."),
 ):
     """Compare MoEShard with DeepSpeed-MoE and expert parallelism, as in the paper."""

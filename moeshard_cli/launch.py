@@ -16,6 +16,12 @@ import re
 import shutil
 import socket
 import tempfile
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
 
 from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -79,3 +85,35 @@ def describe_failure(failure) -> str:
     # gloo prefixes its errors with "[source file:line] ", noise to a user
     first = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", lines[0]) if lines else f"exit code {failure.exitcode}"
     return first[:300]
+
+
+# A failing worker keeps its connections open this long before it exits. Its peers, stuck in
+# a collective, fail only once it is gone, so the launcher sees the cause exit first and
+# names the right rank instead of a peer reporting "connection closed".
+FAILURE_GRACE_S = 1.0
+
+
+@contextmanager
+def worker_process_group(device_kind: str, timeout: float):
+    """The worker side of a launch: pick the device, join the process group, leave it cleanly.
+
+    Yields (rank, world, device). On CPU each worker gets cores / local workers threads;
+    on CUDA one GPU per local rank and NCCL.
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    if device_kind == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    dist.init_process_group("nccl" if device_kind == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+    try:
+        yield rank, world, device
+    except Exception:
+        if world > 1:
+            time.sleep(FAILURE_GRACE_S)
+        raise
+    finally:
+        dist.destroy_process_group()

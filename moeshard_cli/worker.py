@@ -6,10 +6,8 @@ RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR in its environment.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 from transformers.activations import ACT2FN
 
+from moeshard_cli.launch import worker_process_group
 from moeshard_cli.manifest import read_shard_set
 from moeshard_cli.model import DTYPES, build_sharded_encoder, switch_config
 from moeshard_cli.moe.dispatch import ShardedDispatch
@@ -27,11 +26,6 @@ from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.moe.timing import SectionTimer
 from moeshard_cli.outputs import write_embeddings
 from moeshard_cli.reference import token_ids_for
-
-# A failing worker keeps its connections open this long before it exits. Its peers, stuck in
-# a collective, fail only once it is gone, so the launcher sees the cause exit first and
-# names the right rank instead of a peer reporting "connection closed".
-FAILURE_GRACE_S = 1.0
 
 
 @dataclass
@@ -71,23 +65,8 @@ def batch_tensors(token_ids: list[list[int]], lines: list[int], pad_id: int, dev
 
 @record
 def worker_main(job: RunJob):
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
-    if job.device == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    dist.init_process_group("nccl" if job.device == "cuda" else "gloo", timeout=timedelta(seconds=job.timeout))
-    try:
+    with worker_process_group(job.device, job.timeout) as (rank, world, device):
         return _encode(job, rank, world, device)
-    except Exception:
-        if world > 1:
-            time.sleep(FAILURE_GRACE_S)
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def _encode(job: RunJob, rank: int, world: int, device: torch.device):

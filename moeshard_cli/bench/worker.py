@@ -8,10 +8,8 @@ alike. A sample is one full encoder forward (TTFT), the slowest worker's time.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,6 +19,7 @@ from transformers.activations import ACT2FN
 from moeshard_cli.bench.systems import Skip, build_dispatch
 from moeshard_cli.bench.weights import SharedExperts, available_memory, expert_layers, shm_path
 from moeshard_cli.checkpoint import resolve
+from moeshard_cli.launch import worker_process_group
 from moeshard_cli.model import assign_weights, install_moe, meta_encoder
 from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.experts import resolve_backend
@@ -88,16 +87,7 @@ class LayerClock:
 
 @record
 def bench_worker(job: BenchJob):
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
-    if job.device == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    dist.init_process_group("nccl" if job.device == "cuda" else "gloo", timeout=timedelta(seconds=job.timeout))
-    try:
+    with worker_process_group(job.device, job.timeout) as (rank, world, device):
         if any(s.startswith("deepspeed") for s in job.systems):
             from moeshard_cli.bench.deepspeed_moe import init_deepspeed_groups
 
@@ -112,8 +102,6 @@ def bench_worker(job: BenchJob):
         if progress:
             progress.bar.stop()
         return cells if rank == 0 else None
-    finally:
-        dist.destroy_process_group()
 
 
 class _Progress:
@@ -160,7 +148,7 @@ def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, 
     timer = SectionTimer(device, enabled=False)
     comm, ctx = Collectives(timer=timer), TokenContext()
     model = meta_encoder(config)
-    mlps: dict[int, ShardedSparseMLP] = {}
+    mlps = {}  # block index -> its ShardedSparseMLP
 
     def make(i):
         mlps[i] = ShardedSparseMLP(D, E, config.router_bias, None, RouterSpec(), ctx, i)
@@ -233,7 +221,7 @@ def _bench_cell(job, model, mlps, systems, clock, ids, mask, config: dict, rank:
         outputs[name] = _forward(model, ids, mask, device).float().cpu()
         first = _max_all([time.perf_counter() - t0])[0]
         # A forward that takes a good part of the cell's budget is warm after one run.
-        for _ in range(job.warmup - 1 if first < job.max_cell_seconds / 3 else 0):
+        for _ in range(job.warmup - 1 if first < job.max_cell_seconds / 10 else 0):
             _forward(model, ids, mask, device)
         # Slow systems get fewer repeats (never fewer than 3) so a sweep stays within budget.
         iters[name] = max(min(job.iters, 3), min(job.iters, int(job.max_cell_seconds / max(first, 1e-9))))
