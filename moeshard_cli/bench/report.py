@@ -95,6 +95,8 @@ def plot(path: Path, result: dict) -> None:
                 other = B if axis == 0 else E
                 series.setdefault((base, skew, other), []).append(((E, B)[axis], up))
         for (base, skew, other), pts in sorted(series.items()):
+            if len(pts) < 2:  # a single point is not a curve along this axis
+                continue
             pts.sort()
             fixed = f"batch {other}" if axis == 0 else f"E={other}"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"vs {base}, skew {skew:g}, {fixed}")
