@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import re
 import zlib
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import SwitchTransformersConfig
+
+if TYPE_CHECKING:
+    from transformers import SwitchTransformersConfig
 
 DEFAULT_MODEL = "tiny-switch"
 SWITCH_BASE = re.compile(r"^switch-base-(8|16|32|64|128|256)$")
@@ -25,6 +28,8 @@ def is_builtin(name: str) -> bool:
 
 
 def builtin_config(name: str) -> SwitchTransformersConfig:
+    from transformers import SwitchTransformersConfig
+
     if name == "tiny-switch":
         # d_ff=130 divides by neither 3 nor 4, so uneven slices are the normal case.
         return SwitchTransformersConfig(

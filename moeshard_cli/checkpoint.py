@@ -23,6 +23,7 @@ import torch
 from transformers import SwitchTransformersConfig, SwitchTransformersEncoderModel
 
 from moeshard_cli import builtin
+from moeshard_cli.dtypes import FROM_SAFETENSORS
 from moeshard_cli.errors import UserError
 from moeshard_cli.plan import EMBED_KEY, ENCODER_EMBED_KEY, EXPERT_KEY
 
@@ -174,7 +175,7 @@ def _open_safetensors(file: Path) -> dict[str, TensorEntry]:
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            (lo, hi), shape, dtype = info["data_offsets"], tuple(info["shape"]), _st_dtype(info["dtype"])
+            (lo, hi), shape, dtype = info["data_offsets"], tuple(info["shape"]), FROM_SAFETENSORS[info["dtype"]]
             entries[key] = TensorEntry(key, shape, dtype, functools.partial(_pread_tensor, file, base + lo, hi - lo, shape, dtype))
     except UserError:
         raise
@@ -251,11 +252,6 @@ def _file_mappings(file: Path) -> list[tuple[int, int]]:
 
 _MADV_DONTNEED = 4
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def _st_dtype(name: str) -> torch.dtype:
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-            "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}[name]
 
 
 def _local_source(path: Path, label: str, kind: str) -> Source:

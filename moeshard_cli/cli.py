@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,7 +13,7 @@ from rich.markup import escape
 
 from moeshard_cli import __version__
 from moeshard_cli.builtin import DEFAULT_MODEL
-from moeshard_cli.errors import UserError
+from moeshard_cli.errors import Interrupted, UserError
 
 app = typer.Typer(
     name="moeshard",
@@ -62,10 +63,12 @@ def shard(
 def run(
     input: Path = typer.Option(..., "--input", "-i", help="UTF-8 text file, one document per line."),
     shards: Optional[Path] = typer.Option(None, "--shards", help="Shard set directory (default: the one under ./moeshard-shards)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output safetensors file (default: INPUT.moeshard.safetensors)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file, .safetensors or .npy (default: INPUT.moeshard.safetensors)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Lines per batch per worker."),
     max_length: int = typer.Option(512, "--max-length", help="Truncate lines to this many tokens."),
+    window: int = typer.Option(8192, "--window", help="Lines read ahead and sorted by length together (rounded up to whole steps)."),
     pooling: str = typer.Option("mean", "--pooling", help="mean: one embedding per line; none: every token's hidden state plus offsets."),
+    normalize: bool = typer.Option(False, "--normalize", help="L2-normalize every output row."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (one GPU per rank, NCCL)."),
     expert_backend: str = typer.Option("auto", "--expert-backend", help="auto, grouped_mm, loop or megablocks (CUDA only)."),
     router: str = typer.Option("model", "--router", help="model: the checkpoint's router; skewed: the paper's benchmark router."),
@@ -73,26 +76,24 @@ def run(
     hot_experts: float = typer.Option(0.1, "--hot-experts", help="Skewed router: fraction of experts that are hot."),
     seed: int = typer.Option(0, "--seed", help="Skewed router: seed of the token-to-expert draws."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds a collective may wait before the run fails."),
-    verify: bool = typer.Option(False, "--verify", help="Check the rank files' sha256 checksums before starting."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the rank files' sha256 (cached per file until it changes)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same command where it stopped."),
+    restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run of this output and start over."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures of the results table as JSON."),
     nnodes: int = typer.Option(1, "--nnodes", help="Number of machines taking part."),
-    node_rank: int = typer.Option(0, "--node-rank", help="This machine's index; node 0 hosts the rendezvous."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This machine's index; node 0 hosts the rendezvous and writes the output."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0's rendezvous (multi-node)."),
 ):
     """Encode a text file with one worker per rank of a shard set."""
     from moeshard_cli.moe.routing import RouterSpec
     from moeshard_cli.report import print_run_summary
-    from moeshard_cli.run import RunOptions, run as do_run
+    from moeshard_cli.run.command import RunOptions, run as do_run
 
-    if json_path:
-        from moeshard_cli.outputs import check_writable
-
-        check_writable(json_path, "--json")
     opts = RunOptions(
-        input=input, shards=shards, output=output, batch_size=batch_size, max_length=max_length, pooling=pooling,
-        device=device, backend=expert_backend, router=RouterSpec(router, skew, hot_experts, seed), timeout=timeout,
-        verify=verify, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, debug=STATE["debug"],
-        show_progress=console.is_terminal,
+        input=input, shards=shards, output=output, batch_size=batch_size, max_length=max_length, window=window, pooling=pooling,
+        normalize=normalize, device=device, backend=expert_backend, router=RouterSpec(router, skew, hot_experts, seed),
+        timeout=timeout, verify=verify, resume=resume, restart=restart, json_path=json_path, nnodes=nnodes,
+        node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, debug=STATE["debug"], show_progress=console.is_terminal,
     )
     summary = do_run(opts)
     print_run_summary(console, summary)
@@ -127,7 +128,7 @@ def bench(
     """Compare MoEShard with DeepSpeed-MoE and expert parallelism, as in the paper."""
     from moeshard_cli.bench.report import plot as write_plot, print_tables, write_json
     from moeshard_cli.bench.runner import PAPER, BenchOptions, bench as do_bench, estimate_seconds, parse_list
-    from moeshard_cli.outputs import check_writable
+    from moeshard_cli.run.outputs import check_writable
 
     for flag, path in (("--plot", plot_path), ("--json", json_path)):
         if path:
@@ -167,12 +168,15 @@ def demo(
 
 
 def main() -> None:
+    previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM cleans up like Ctrl-C, and exits 143
     try:
         code = app(standalone_mode=False)
     except UserError as exc:
         if STATE["debug"]:
             raise
         _fail(exc.line(), 2)
+    except Interrupted as exc:
+        _fail(exc.line(), exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except Exception as exc:  # click usage errors come through here too
@@ -189,11 +193,17 @@ def main() -> None:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         _fail(f"{type(exc).__name__}: {first}: rerun with --debug for the traceback and report it", 1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     # without standalone mode click returns the exit code of Ctrl-C (130) and typer.Exit
     if isinstance(code, int) and code:
         if code == 130:
             _fail("interrupted", 130)
         sys.exit(code)
+
+
+def _terminated(signum, frame):
+    raise Interrupted(signum)
 
 
 def _fail(message: str, code: int) -> None:

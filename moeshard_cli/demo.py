@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from moeshard_cli.builtin import DEFAULT_MODEL
-from moeshard_cli.corpus import read_lines, tokenize
 from moeshard_cli.manifest import read_shard_set
 from moeshard_cli.model import reassemble_state, reference_encoder, switch_config
 from moeshard_cli.reference import reference_embeddings
 from moeshard_cli.report import byte_progress, print_run_summary, print_shard_summary
-from moeshard_cli.run import RunOptions, run
+from moeshard_cli.run.command import RunOptions, run
+from moeshard_cli.run.inputs import read_windows, tokenize
 from moeshard_cli.shard import shard
 
 TOLERANCE = 1e-4
@@ -33,13 +33,14 @@ def run_demo(console: Console, workers: int, out: Path, debug: bool = False) -> 
     output = out / "sample.moeshard.safetensors"
     console.rule(f"2. moeshard run --shards {shards_dir} --input {corpus.name} --batch-size 4")
     summary = run(RunOptions(input=corpus, shards=shards_dir, output=output, batch_size=4, debug=debug,
-                             show_progress=console.is_terminal))
+                             show_progress=console.is_terminal,
+                             argv=["run", "--shards", str(shards_dir), "--input", str(corpus), "--output", str(output), "--batch-size", "4"]))
     print_run_summary(console, summary)
 
     console.rule("3. check against transformers' SwitchTransformersEncoderModel in one process, dropless")
     shards = read_shard_set(shards_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(shards_dir))
-    ids = tokenize(read_lines(corpus), tokenizer, 512).ids
+    ids, _ = tokenize([t for w in read_windows(corpus, 1 << 20) for t in w.texts], tokenizer, 512)
     expected = torch.stack(reference_embeddings(reference_encoder(switch_config(shards.config), reassemble_state(shards)), ids))
     err = (load_file(str(output))["embeddings"] - expected).abs().max().item()
     verdict = "[green]match[/]" if err <= TOLERANCE else "[red]MISMATCH[/]"

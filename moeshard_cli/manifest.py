@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,13 +77,14 @@ def read_shard_set(root: Path) -> ShardSet:
     return ShardSet(root, data)
 
 
-def check_files(shards: ShardSet, verify: bool = False) -> None:
-    """Sizes and safetensors headers always; full sha256 checksums with verify."""
+def check_files(shards: ShardSet, verify: bool = False, ranks: list[int] | None = None) -> None:
+    """Sizes and safetensors headers of the rank files `ranks` (default all); their sha256 with verify."""
     world, files = shards.world_size, shards.data["files"]
     if [f["rank"] for f in files] != list(range(world)) or len(shards.slices) != world:
         raise UserError(f"{shards.root}/{MANIFEST} says world size {world} but lists {len(files)} rank files and {len(shards.slices)} slices",
                         "the manifest was edited or the shard set is incomplete: re-shard with --force")
-    for entry in shards.data["files"]:
+    chosen = [files[r] for r in (range(world) if ranks is None else ranks)]
+    for entry in chosen:
         path = shards.root / entry["name"]
         if not path.is_file():
             raise UserError(f"rank file {path} is missing", "re-run `moeshard shard ... --force` to rewrite the shard set")
@@ -99,8 +101,48 @@ def check_files(shards: ShardSet, verify: bool = False) -> None:
             raise UserError(f"rank file {path.name} has a corrupt header", "re-shard with --force") from exc
         if 8 + header_len + end != size or meta.get("moeshard_rank") != str(entry["rank"]):
             raise UserError(f"rank file {path.name} does not match the manifest", "re-shard with --force")
-        if verify and sha256_file(path) != entry["sha256"]:
-            raise UserError(f"rank file {path.name} fails its sha256 checksum", "the file is corrupt: re-shard with --force")
+    if verify:
+        verify_checksums(shards, chosen)
+
+
+def verify_cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "moeshard" / "verified-rank-files.json"
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()  # ctime changes with any write and cannot be set back by tools like touch or cp -p
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def verify_checksums(shards: ShardSet, entries: list[dict]) -> None:
+    """sha256 of each rank file against the manifest, in parallel; a file whose size, times and inode
+    are unchanged since it last passed is not read again (the cache lives in the user's cache dir)."""
+    cache_file = verify_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    todo = []
+    for entry in entries:
+        path = shards.root / entry["name"]
+        seen = cache.get(str(path.resolve()))
+        if not (seen and seen["stamp"] == _stamp(path) and seen["sha256"] == entry["sha256"]):
+            todo.append((path, entry))
+    if not todo:
+        return
+    with ThreadPoolExecutor(min(4, len(todo))) as pool:  # hashlib releases the GIL
+        digests = list(pool.map(lambda item: sha256_file(item[0]), todo))
+    for (path, entry), digest in zip(todo, digests):
+        if digest != entry["sha256"]:
+            raise UserError(f"rank file {path.name} fails its sha256 checksum", "the file is corrupt or from another shard set: re-shard with --force")
+        cache[str(path.resolve())] = {"stamp": _stamp(path), "sha256": digest}
+    cache = {k: v for k, v in cache.items() if Path(k).exists()}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cache_file, cache)
+    except OSError:
+        pass  # a read-only home only costs the next run a re-read
 
 
 def find_shard_sets(root: Path = DEFAULT_ROOT) -> list[Path]:

@@ -21,9 +21,6 @@ from moeshard_cli.manifest import ShardSet
 from moeshard_cli.moe.experts import stack_experts
 from moeshard_cli.plan import EXPERT_KEY
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def switch_config(config: dict | SwitchTransformersConfig) -> SwitchTransformersConfig:
     return config if isinstance(config, SwitchTransformersConfig) else SwitchTransformersConfig.from_dict(dict(config))
 

@@ -29,10 +29,15 @@ def slice_bounds(d_ff: int, world: int) -> list[tuple[int, int]]:
         raise UserError(
             f"--gpus {world} is larger than d_ff={d_ff}", f"use at most {d_ff} ranks so every rank gets a slice"
         )
-    base, extra = divmod(d_ff, world)
+    return even_bounds(d_ff, world)
+
+
+def even_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """Split [0, n) into `parts` contiguous ranges whose sizes differ by at most one (some may be empty)."""
+    base, extra = divmod(n, parts)
     bounds, lo = [], 0
-    for rank in range(world):
-        hi = lo + base + (1 if rank < extra else 0)
+    for part in range(parts):
+        hi = lo + base + (1 if part < extra else 0)
         bounds.append((lo, hi))
         lo = hi
     return bounds

@@ -12,16 +12,9 @@ from types import MethodType
 import torch
 import torch.nn.functional as F
 
+from moeshard_cli.moe.layer import token_ids_for
 from moeshard_cli.moe.routing import RouterSpec, route
 from moeshard_cli.model import sparse_layers
-
-POSITION_BITS = 20  # token id = line index << POSITION_BITS | position, as the workers number them
-
-
-def token_ids_for(lines: list[int], width: int) -> torch.Tensor:
-    """Global token ids [B, S] of a batch of line indices padded to `width`."""
-    return (torch.tensor(lines, dtype=torch.long)[:, None] << POSITION_BITS) + torch.arange(width)[None, :]
-
 
 def force_router(model, spec: RouterSpec, holder: dict) -> None:
     """Make every transformers router of `model` follow `spec`; `holder["ids"]` holds the batch's [B, S] token ids."""

@@ -53,17 +53,24 @@ def print_run_summary(console: Console, summary) -> None:
     table = Table(title=f"moeshard run: {fig['world_size']} workers on {fig['device']} ({fig['backend']})", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    ttft = fig["ttft_s"]
-    for name, value in [
-        ("lines", f"{fig['lines']:,}" + (f" ({fig['truncated_lines']} truncated)" if fig["truncated_lines"] else "")),
+    ttft, spread = fig["ttft_s"], fig["token_spread"]
+    rows = [
+        ("lines", f"{fig['lines']:,}" + (f" ({fig['truncated_lines']:,} truncated)" if fig["truncated_lines"] else "")),
         ("tokens", f"{fig['tokens']:,}"),
-        ("wall time", f"{fig['wall_s']:.2f} s"),
-        ("tokens/s", f"{fig['tokens_per_s']:,.0f}"),
+    ]
+    if fig["resumed_at_line"]:
+        rows.append(("resumed at line", f"{fig['resumed_at_line']:,} (encoded {fig['lines_encoded']:,} lines now)"))
+    rows += [
+        ("wall time (command / encode loop)", f"{fig['wall_s']:.2f} s / {fig['loop_s']:.2f} s"),
+        ("tokens/s (command / encode loop)", f"{fig['tokens_per_s']:,.0f} / {fig['loop_tokens_per_s']:,.0f}"),
         ("batches per worker", str(fig["batches"])),
         ("TTFT per batch mean / p50 / p90", f"{ttft['mean'] * 1e3:.1f} / {ttft['p50'] * 1e3:.1f} / {ttft['p90'] * 1e3:.1f} ms"),
+        ("token spread per step mean / max", f"{spread['mean']:.3f} / {spread['max']:.3f}"),
+        ("padding", f"{fig['padding_fraction']:.1%}"),
         ("expert compute per worker", f"{fig['compute_s'] * 1e3:,.1f} ms"),
         ("communication per worker", f"{fig['comm_s'] * 1e3:,.1f} ms"),
-    ]:
+    ]
+    for name, value in rows:
         table.add_row(name, value)
     console.print(table)
     layers = Table(title="expert load per MoE layer (tokens per expert over the run)", title_justify="left")

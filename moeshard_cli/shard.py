@@ -20,7 +20,7 @@ import torch
 from moeshard_cli import __version__
 from moeshard_cli.checkpoint import TOKENIZER_FILES, Source, resolve
 from moeshard_cli.errors import UserError
-from moeshard_cli.model import DTYPES
+from moeshard_cli.dtypes import DTYPES
 from moeshard_cli.manifest import DEFAULT_ROOT, FORMAT_VERSION, MANIFEST, write_json_atomic
 from moeshard_cli.plan import classify, rank_file_name, slice_bounds, slice_expert, sliced_shape
 from moeshard_cli.stwriter import StreamingSafetensorsWriter

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from moeshard_cli.dtypes import SAFETENSORS_CODES
+
 WRITE_CHUNK = 1 << 17
-ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-             torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 class StreamingSafetensorsWriter:
@@ -30,7 +30,7 @@ class StreamingSafetensorsWriter:
         self._expected = []
         for name, shape, dtype in layout:
             nbytes = dtype.itemsize * _numel(shape)
-            header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._expected.append((name, tuple(shape), dtype))
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()

@@ -1,15 +1,13 @@
 """The pieces of `moeshard run`, one by one, in this process: index arithmetic, routers,
-grouped expert compute, the world-size-1 dispatch, and the corpus helpers."""
+grouped expert compute and the world-size-1 dispatch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
-from transformers import ByT5Tokenizer
 from transformers.activations import ACT2FN
 
-from moeshard_cli.corpus import plan_batches, read_lines, tokenize
 from moeshard_cli.errors import UserError
 from moeshard_cli.moe.dispatch import ShardedDispatch
 from moeshard_cli.moe.exchange import Collectives, exclusive_cumsum, expert_major_index
@@ -224,78 +222,3 @@ def test_sharded_sparse_mlp_matches_transformers_on_real_tokens():
     torch.testing.assert_close(ours_BSD[real], theirs_BSD[real], atol=1e-5, rtol=1e-5)
     assert torch.equal(ours_BSD[~real], torch.zeros_like(ours_BSD[~real]))
     assert int(layer.load.tokens_E.sum()) == int(mask_BS.sum()) == int(layer.load.tokens_G.sum())
-
-
-# ---------------------------------------------------------------- corpus
-
-
-@pytest.mark.parametrize("n_lines, batch_size, world", [(0, 3, 2), (1, 3, 4), (2, 1, 4), (10, 3, 1), (10, 3, 3), (37, 4, 2), (100, 7, 4), (5, 100, 3)])
-def test_plan_batches_covers_every_line_once_round_robin(n_lines, batch_size, world):
-    gen = torch.Generator().manual_seed(n_lines)
-    lengths = torch.randint(1, 50, (n_lines,), generator=gen).tolist()
-    per_rank = plan_batches(lengths, batch_size, world)
-    assert len(per_rank) == world
-    n_batches = sum(len(b) for b in per_rank)
-    assert n_batches == -(-n_lines // batch_size)
-    # batch k of the global order belongs to worker k % world
-    ordered = [per_rank[k % world][k // world] for k in range(n_batches)]
-    flat = [i for batch in ordered for i in batch]
-    assert sorted(flat) == list(range(n_lines))
-    assert all(1 <= len(b) <= batch_size for b in ordered)
-    # bucketed by length, longest first, ties in input order
-    assert flat == sorted(range(n_lines), key=lambda i: (-lengths[i], i))
-
-
-def test_plan_batches_rejects_a_batch_size_below_one():
-    with pytest.raises(UserError, match="--batch-size 0"):
-        plan_batches([3, 4], 0, 2)
-
-
-@pytest.mark.parametrize("data, lines", [
-    (b"a\n\nb\n", ["a", "", "b"]),
-    (b"a\n\nb", ["a", "", "b"]),
-    (b"\n", [""]),
-    (b"\n\n", ["", ""]),
-    (b"x\r\ny\r\n\r\n", ["x", "y", ""]),
-    (b"  spaced  \n\tz", ["  spaced  ", "\tz"]),
-    ("h\u00e9llo \u2713\n\u65e5\u672c\n".encode(), ["h\u00e9llo \u2713", "\u65e5\u672c"]),
-])
-def test_read_lines_keeps_empty_lines_and_strips_the_newline(tmp_path, data, lines):
-    path = tmp_path / "in.txt"
-    path.write_bytes(data)
-    assert read_lines(path) == lines
-
-
-@pytest.mark.parametrize("data, line", [(b"\xff\n", 1), (b"ok\nok\n\xe9t\xe9\n", 3), (b"a\n\nb\n\nc \x80", 5), ("\u00e9\n".encode() + b"\xc3", 2)])
-def test_read_lines_names_the_line_that_is_not_utf8(tmp_path, data, line):
-    path = tmp_path / "in.txt"
-    path.write_bytes(data)
-    with pytest.raises(UserError) as info:
-        read_lines(path)
-    assert f"not UTF-8 (line {line}," in info.value.line() and info.value.fix
-
-
-def test_read_lines_rejects_missing_and_empty_files(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        read_lines(tmp_path / "nope.txt")
-    (tmp_path / "empty.txt").write_bytes(b"")
-    with pytest.raises(UserError, match="is empty"):
-        read_lines(tmp_path / "empty.txt")
-
-
-def test_tokenize_truncates_like_transformers():
-    tokenizer = ByT5Tokenizer()
-    lines = ["", "short", "x" * 9, "y" * 10, "z" * 40, "\u00e9\u2713\u65e5" * 5, "w" * 11]
-    out = tokenize(lines, tokenizer, max_length=10)
-    full = tokenizer(lines)["input_ids"]
-    cut = tokenizer(lines, truncation=True, max_length=10)["input_ids"]
-    assert out.ids == cut
-    assert out.truncated == sum(len(row) > 10 for row in full) == 4
-    assert all(row[-1] == tokenizer.eos_token_id for row in out.ids)  # default special tokens kept
-    assert [len(r) for r in out.ids] == [1, 6, 10, 10, 10, 10, 10]
-    assert tokenize(lines, tokenizer, max_length=512).truncated == 0
-
-
-def test_tokenize_rejects_a_max_length_below_two():
-    with pytest.raises(UserError, match="--max-length 1"):
-        tokenize(["a"], ByT5Tokenizer(), 1)

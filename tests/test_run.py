@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -19,18 +18,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import cli_popen, invoke
+from conftest import invoke
 from moeshard_cli.launch import free_port
 from moeshard_cli.manifest import MANIFEST, read_shard_set
 from moeshard_cli.model import reassemble_state, reference_encoder, switch_config
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.reference import reference_embeddings
-from moeshard_cli.run import MAX_CPU_WORKERS_PER_CORE
+from moeshard_cli.launch import MAX_CPU_WORKERS_PER_CORE
 
 pytestmark = pytest.mark.slow
 
@@ -152,9 +150,9 @@ FAILING_RUN = """
 import sys
 sys.path.insert(0, sys.argv[1])
 import test_run
-import moeshard_cli.run
-launch = moeshard_cli.run.launch
-moeshard_cli.run.launch = lambda entrypoint, *args, **kwargs: launch(test_run.failing_worker, *args, **kwargs)
+import moeshard_cli.run.command
+launch = moeshard_cli.run.command.launch
+moeshard_cli.run.command.launch = lambda entrypoint, *args, **kwargs: launch(test_run.failing_worker, *args, **kwargs)
 sys.argv = ["moeshard", *sys.argv[2:]]
 from moeshard_cli.cli import main
 main()
@@ -163,8 +161,8 @@ main()
 
 def failing_worker(job):
     """worker_main, except that rank $MOESHARD_TEST_FAIL_RANK raises in its third MoE layer."""
-    from moeshard_cli import worker
     from moeshard_cli.moe.layer import ShardedSparseMLP
+    from moeshard_cli.run.job import worker_main
 
     forward, calls = ShardedSparseMLP.forward, []
 
@@ -175,7 +173,7 @@ def failing_worker(job):
         return forward(self, hidden_BSD)
 
     ShardedSparseMLP.forward = failing
-    return worker.worker_main(job)
+    return worker_main(job)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -208,6 +206,8 @@ def run_args(corpus: Path, output: Path, *extra) -> list:
 
 
 MATRIX = [(w, r) for w in (1, 2, 3, 4) for r in ("model", "skewed")]
+# Other batch sizes and windows: several windows, partial steps, ranks without a line in a step.
+ORDER = [(1, 2, 3), (2, 1, 4), (2, 4, 1), (3, 5, 7)]
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +249,12 @@ def runs(place, shard_sets, corpora) -> dict[str, list[Result]]:
     groups["failing-rank"] = [{"args": ["run", "--shards", shard_sets[2], "--input", corpora["main"], "--output", output, "--batch-size", BATCH],
                                "python": ["-c", FAILING_RUN, str(Path(__file__).parent)], "log": out / "failing-rank",
                                "env": {**env, "MOESHARD_TEST_FAIL_RANK": "1"}, "output": output}]
+    for world, batch, window in ORDER:
+        name, output = f"order-{world}-{batch}-{window}", out / f"order-{world}-{batch}-{window}.safetensors"
+        groups[name] = [{"args": ["run", "--shards", shard_sets[world], "--input", corpora["main"], "--output", output, "--batch-size", batch,
+                                  "--window", window, "--max-length", MAX_LENGTH], "log": out / name, "env": env, "output": output}]
+    for name, output, extra in (("npy", out / "w2.npy", []), ("normalized", out / "w2-normalized.safetensors", ["--normalize"])):
+        groups[name] = [{"args": run_args(corpora["main"], output, "--shards", shard_sets[2], *extra), "log": out / name, "env": env, "output": output}]
     output = out / "few.safetensors"
     groups["few"] = [{"args": ["run", "--shards", shard_sets[4], "--input", corpora["few"], "--output", output, "--batch-size", 1],
                       "log": out / "few", "env": env, "output": output}]
@@ -320,6 +326,43 @@ def test_pooling_none_matches_transformers_per_token(runs, reference, tokenizer)
     assert (tensors["hidden_states"] - expected).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("world, batch, window", ORDER, ids=[f"w{w}-batch{b}-window{n}" for w, b, n in ORDER])
+def test_rows_follow_the_input_for_any_workers_batch_and_window(runs, reference, world, batch, window):
+    (result,) = runs[f"order-{world}-{batch}-{window}"]
+    succeeded(result)
+    got = read_output(result.output)[0]["embeddings"]
+    assert (got - torch.stack(reference(world, RouterSpec()))).abs().max().item() <= TOL
+    default = read_output(runs["w2-model"][0].output)[0]["embeddings"]  # the built-in weights, whatever the world size
+    assert (got - default).abs().max().item() <= 1e-5  # the batching changes float rounding, nothing more
+
+
+def test_npy_output_matches_the_safetensors_one(runs):
+    import numpy as np
+
+    (result,) = runs["npy"]
+    succeeded(result)
+    array = np.load(result.output)
+    assert array.dtype == np.float32 and array.shape == (len(CORPUS), 64)
+    assert torch.equal(torch.from_numpy(array), read_output(runs["w2-model"][0].output)[0]["embeddings"])
+    assert oct(result.output.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def test_normalized_rows_are_the_unit_vectors_of_the_plain_ones(runs):
+    (result,) = runs["normalized"]
+    succeeded(result)
+    got, meta = read_output(result.output)
+    plain = read_output(runs["w2-model"][0].output)[0]["embeddings"]
+    assert meta["normalize"] == "true"
+    assert (got["embeddings"] - torch.nn.functional.normalize(plain, dim=-1)).abs().max().item() <= 1e-6
+    assert (got["embeddings"].norm(dim=-1) - 1).abs().max().item() <= 1e-5
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_fewer_lines_than_workers(runs, reference):
     (result,) = runs["few"]
     succeeded(result)
@@ -354,15 +397,15 @@ def test_header_json_and_summary(runs, shard_sets, tokenizer, world, router):
     assert fig["lines"] == len(CORPUS) and fig["truncated_lines"] == truncated
     assert fig["tokens"] == sum(len(r) for r in ids)
     assert Path(fig["output"]) == result.output and Path(fig["shards"]) == shards
-    assert fig["batches"] == len(range(0, -(-len(CORPUS) // BATCH), world))  # rank 0's share of round robin
+    assert fig["batches"] == -(-len(CORPUS) // (BATCH * world))  # one window: steps of BATCH lines per worker
     assert set(fig["ttft_s"]) == {"mean", "p50", "p90"} and 0 < fig["ttft_s"]["p50"] <= fig["ttft_s"]["p90"]
     assert fig["wall_s"] > 0 and fig["tokens_per_s"] > 0 and fig["comm_s"] >= 0 and fig["compute_s"] > 0
 
     # every real token is routed exactly once per MoE layer, padding never
-    from moeshard_cli.corpus import plan_batches
+    from moeshard_cli.run.schedule import plan_window
 
-    plan = plan_batches([len(r) for r in ids], BATCH, world)
-    per_worker = [sum(len(ids[i]) for batch in plan[g] for i in batch) for g in range(world)]
+    steps = plan_window([len(r) for r in ids], BATCH, world)
+    per_worker = [sum(len(ids[i]) for step in steps for i in step[g]) for g in range(world)]
     assert [layer["layer"] for layer in fig["layers"]] == [1, 3]
     for layer in fig["layers"]:
         assert layer["tokens_per_worker"] == per_worker
@@ -416,43 +459,14 @@ def test_a_failing_worker_is_named_not_its_peer(runs):
     assert result.code == 2
     line = error_line(result.err)
     assert "worker rank 1 failed: ValueError: injected failure" in line and "logs are in" in line
-    assert_no_output(result.output)
+    # it failed in its second step: the first one's rows are kept for --resume, under hidden names only
+    assert "lines are saved; continue with" in line and "--resume`" in line
+    assert not result.output.exists()
+    assert sorted(p.name for p in result.output.parent.iterdir() if p.name.startswith(f".{result.output.name}")) == [
+        f".{result.output.name}.journal", f".{result.output.name}.partial"]
 
 
-def test_a_killed_worker_stops_the_run_and_names_its_rank(tmp_path, shard_sets):
-    corpus = tmp_path / "big.txt"
-    corpus.write_text("".join(f"line {i} " + "word " * (i % 60) + "\n" for i in range(20_000)))
-    output = tmp_path / "big.safetensors"
-    proc = cli_popen(["run", "--shards", shard_sets[2], "--input", corpus, "--output", output, "--batch-size", 4],
-                     env={"TMPDIR": str(tmp_path)}, start_new_session=True)
-    try:
-        victim = None
-        deadline = time.monotonic() + 120
-        while victim is None and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                try:
-                    # a worker's stderr goes to <log dir>/<run>/attempt_0/<local rank>/stderr.log
-                    mine = any(re.search(r"/attempt_\d+/1/stderr\.log$", f.path) for f in child.open_files())
-                    # past imports and model loading, well into encoding
-                    if mine and sum(child.cpu_times()[:2]) > 5:
-                        victim = child
-                except psutil.NoSuchProcess:
-                    pass
-            time.sleep(0.2)
-        assert victim is not None, "rank 1 never got going"
-        victim.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        _, err = proc.communicate(timeout=90)
-        assert time.monotonic() - killed < 60
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode != 0
-    line = error_line(err)
-    assert "worker rank 1 failed: killed by SIGKILL" in line and "logs are in" in line
-    assert_no_output(output)
+# A worker killed mid-run, and resuming after it: test_run_resume.py.
 
 
 # ---------------------------------------------------------------- refused before any worker starts
@@ -506,7 +520,7 @@ def manifest_swapped_files(root):
 SHARD_DAMAGE = [
     (missing_rank_file, [], ["rank file", "rank-00001-of-00002.safetensors is missing"]),
     (truncated_rank_file, [], ["rank-00001-of-00002.safetensors has", "bytes, the manifest says"]),
-    (corrupt_rank_file, ["--verify"], ["rank-00000-of-00002.safetensors fails its sha256 checksum"]),
+    (corrupt_rank_file, [], ["rank-00000-of-00002.safetensors fails its sha256 checksum"]),
     (manifest_world_size, [], ["says world size 3 but lists 2 rank files"]),
     (manifest_bytes, [], ["rank-00001-of-00002.safetensors has", "bytes, the manifest says"]),
     (manifest_swapped_files, [], ["does not match the manifest"]),
@@ -526,9 +540,9 @@ def test_damaged_shard_set_is_refused(tmp_path, shard_sets, corpora, damage, ext
 
 
 def test_corrupt_bytes_pass_the_cheap_checks(tmp_path, shard_sets, corpora, monkeypatch):
-    """Only --verify reads whole files: without it, the size and header checks pass (and the
-    run goes on to start workers, which is stopped here)."""
-    import moeshard_cli.run as run_module
+    """--no-verify skips reading whole files: the size and header checks pass (and the run goes
+    on to start workers, which is stopped here)."""
+    import moeshard_cli.run.command as run_module
 
     root = _copy(shard_sets[2], tmp_path / "w2")
     corrupt_rank_file(root)
@@ -537,8 +551,22 @@ def test_corrupt_bytes_pass_the_cheap_checks(tmp_path, shard_sets, corpora, monk
         raise run_module.UserError("launch reached", "")
 
     monkeypatch.setattr(run_module, "launch", no_launch)
-    code, _, err = invoke(["run", "--shards", root, "--input", corpora["main"], "--output", tmp_path / "o.safetensors"])
+    code, _, err = invoke(["run", "--shards", root, "--input", corpora["main"], "--output", tmp_path / "o.safetensors", "--no-verify"])
     assert code == 2 and "launch reached" in err
+
+
+def test_output_that_is_the_input_or_inside_the_shard_set_is_refused(tmp_path, shard_sets, corpora):
+    root = _copy(shard_sets[2], tmp_path / "w2")
+    corpus = tmp_path / "corpus.txt"
+    shutil.copyfile(corpora["main"], corpus)
+    before = {p: p.read_bytes() for p in [corpus, *root.iterdir()]}
+    for output, needle in ((corpus, "is the input file"), (root / "emb.safetensors", "is inside the shard set"),
+                           (root / "rank-00000-of-00002.safetensors", "is inside the shard set")):
+        code, _, err = invoke(["run", "--shards", root, "--input", corpus, "--output", output])
+        assert code == 2 and needle in error_line(err)
+    code, _, err = invoke(["run", "--shards", root, "--input", corpus, "--output", tmp_path / "o.safetensors", "--json", root / "f.json"])
+    assert code == 2 and "--json" in error_line(err) and "inside the shard set" in err
+    assert {p: p.read_bytes() for p in [corpus, *root.iterdir()]} == before
 
 
 def test_more_workers_than_the_machine_can_host(tmp_path, corpora, monkeypatch):

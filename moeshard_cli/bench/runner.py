@@ -21,7 +21,7 @@ from moeshard_cli.bench.worker import BenchJob, bench_worker
 from moeshard_cli.checkpoint import resolve
 from moeshard_cli.errors import UserError
 from moeshard_cli.launch import launch
-from moeshard_cli.run import pick_device
+from moeshard_cli.launch import pick_device
 
 PAPER = dict(experts=[8, 16, 32, 64, 128, 256], batch_sizes=[10, 50, 100, 250, 450], seq_len=120, gpus=4)
 

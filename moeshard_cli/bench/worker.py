@@ -23,11 +23,10 @@ from moeshard_cli.launch import worker_process_group
 from moeshard_cli.model import assign_weights, install_moe, meta_encoder
 from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.experts import resolve_backend
-from moeshard_cli.moe.layer import ShardedSparseMLP, TokenContext
+from moeshard_cli.moe.layer import ShardedSparseMLP, TokenContext, token_ids_for
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.moe.timing import SectionTimer
 from moeshard_cli.plan import EXPERT_KEY, slice_bounds
-from moeshard_cli.reference import token_ids_for
 
 
 @dataclass

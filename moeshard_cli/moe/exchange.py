@@ -13,6 +13,10 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed these (the old names warn); older releases only have the old ones.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def expert_major_index(counts_GE: torch.Tensor, row_start_G: torch.Tensor) -> torch.Tensor:
     """Rows of a rank-major buffer, reordered expert-major.
@@ -41,7 +45,7 @@ class Collectives:
     Two ways to move MoEShard's rows, chosen by `strategy` (see docs/benchmarks.md):
     - "alltoall": the all-gather and the reduce-scatter are both `all_to_all_single` with
       exact split sizes (the reduce then sums the world's partials locally). Nothing is padded.
-    - "padded": `all_gather_into_tensor` / `reduce_scatter_tensor` on blocks padded to the
+    - "padded": `all_gather_single` / `reduce_scatter_single` on blocks padded to the
       busiest worker's row count (these need equal sizes).
     """
 
@@ -65,7 +69,7 @@ class Collectives:
             if self.world == 1:
                 return counts_E[None].cpu()
             out = counts_E.new_empty(self.world * counts_E.numel())
-            dist.all_gather_into_tensor(out, counts_E.contiguous(), group=self.group)
+            all_gather_single(out, counts_E.contiguous(), group=self.group)
             return out.view(self.world, -1).cpu()
 
     def block_starts(self, rows_G: list[int]) -> torch.Tensor:
@@ -87,7 +91,7 @@ class Collectives:
             pad = max(rows_G)
             send = x_TD if x_TD.shape[0] == pad else torch.cat([x_TD, x_TD.new_zeros(pad - x_TD.shape[0], x_TD.shape[1])])
             out = x_TD.new_empty(self.world * pad, x_TD.shape[1])
-            dist.all_gather_into_tensor(out, send.contiguous(), group=self.group)
+            all_gather_single(out, send.contiguous(), group=self.group)
             return out
 
     def reduce_scatter_rows(self, partial_RD: torch.Tensor, rows_G: list[int]) -> torch.Tensor:
@@ -102,7 +106,7 @@ class Collectives:
                 dist.all_to_all_single(out, partial_RD, [mine] * self.world, rows_G, group=self.group)
                 return out.view(self.world, mine, partial_RD.shape[1]).sum(0)  # mine may be 0: no -1
             out = partial_RD.new_empty(max(rows_G), partial_RD.shape[1])
-            dist.reduce_scatter_tensor(out, partial_RD, group=self.group)
+            reduce_scatter_single(out, partial_RD, group=self.group)
             return out[:mine]
 
     def all_to_all_rows(self, x_TD: torch.Tensor, send_G: list[int], recv_G: list[int]) -> torch.Tensor:

@@ -16,6 +16,14 @@ from torch import nn
 from moeshard_cli.moe.routing import RouterSpec, route
 
 
+POSITION_BITS = 20  # token id = line index << POSITION_BITS | position: the skewed router's key
+
+
+def token_ids_for(lines: list[int], width: int) -> torch.Tensor:
+    """Global token ids [B, S] of a batch of line indices padded to `width`."""
+    return (torch.tensor(lines, dtype=torch.long)[:, None] << POSITION_BITS) + torch.arange(width)[None, :]
+
+
 @dataclass
 class TokenContext:
     """Which positions of the current batch are real tokens, and their global ids.

@@ -1,0 +1,309 @@
+"""`moeshard run`, the parent side: check everything, lay out or resume the output, launch, finalize.
+
+options -> output and shard set checks (rank files verified, cached) -> one pass over the input
+(lines, UTF-8, sha256) -> node 0: a new output laid out, or the unfinished one resumed from its
+journal -> elastic launch of run/worker.py with a small job -> node 0: header, rename -> summary.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shlex
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from moeshard_cli import __version__
+from moeshard_cli.errors import Interrupted, UserError
+from moeshard_cli.launch import launch, pick_device
+from moeshard_cli.manifest import MANIFEST, ShardSet, check_files, default_shard_set, read_shard_set
+from moeshard_cli.moe.routing import RouterSpec
+from moeshard_cli.run import outputs
+from moeshard_cli.run.feed import Position
+from moeshard_cli.run.inputs import InputInfo, scan_input
+from moeshard_cli.run.job import RunJob, worker_main
+from moeshard_cli.run.schedule import round_window
+
+POOLINGS = ("mean", "none")
+
+
+@dataclass
+class RunOptions:
+    input: Path
+    shards: Path | None = None
+    output: Path | None = None
+    batch_size: int = 32
+    max_length: int = 512
+    window: int = 8192
+    pooling: str = "mean"
+    normalize: bool = False
+    device: str = "auto"
+    backend: str = "auto"
+    router: RouterSpec = field(default_factory=RouterSpec)
+    timeout: float = 300.0
+    verify: bool = True
+    resume: bool = False
+    restart: bool = False
+    json_path: Path | None = None
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    debug: bool = False
+    show_progress: bool = True
+    argv: list[str] = field(default_factory=lambda: sys.argv[1:])
+
+    def validate(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise UserError(f"--pooling {self.pooling} is unknown", "use --pooling mean or --pooling none")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size} must be at least 1", "pass a positive batch size")
+        if self.max_length < 2:
+            raise UserError(f"--max-length {self.max_length} is too small", "pass at least 2 (room for one token and the end-of-sequence token)")
+        if self.window < 1:
+            raise UserError(f"--window {self.window} must be at least 1", "pass the number of lines sorted together, e.g. --window 8192")
+        if not self.timeout > 0:
+            raise UserError(f"--timeout {self.timeout} must be positive", "pass the collective timeout in seconds, e.g. --timeout 300")
+        if self.nnodes < 1:
+            raise UserError(f"--nnodes {self.nnodes} must be at least 1", "pass the number of machines taking part")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise UserError(f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1}", "number the nodes 0 to --nnodes - 1, with 0 on the node at --rdzv-endpoint")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT", "give every node the address of node 0, e.g. --rdzv-endpoint node0:29400")
+        if self.resume and self.restart:
+            raise UserError("--resume and --restart exclude each other", "pass --resume to continue the unfinished run, --restart to discard it")
+
+
+@dataclass
+class RunSummary:
+    shards: Path
+    output: Path
+    world: int
+    device: str
+    lines: int
+    truncated: int
+    result: dict | None  # rank 0's figures; None on nodes that do not host rank 0
+    seconds: float
+    resumed_at: int = 0  # lines already written by an earlier, interrupted run
+    metadata: dict = field(default_factory=dict)
+
+    def figures(self) -> dict:
+        """The numbers of the results table, for people (report.py) and machines (--json)."""
+        if self.result is None:
+            return {}
+        res = self.result
+        rank0 = res["ranks"][0]["forward_s"] or [0.0]
+        timers = [r["timer"] for r in res["ranks"]]
+        loop, tokens = res["loop_s"], res["session_tokens"]
+        spreads = res["spreads"] or [1.0]
+        padded = sum(r["padded"] for r in res["ranks"])
+        return {
+            "shards": str(self.shards), "output": str(self.output), "world_size": self.world, "device": self.device,
+            "backend": res["backend"], "lines": self.lines, "truncated_lines": self.truncated, "tokens": res["token_end"],
+            "resumed_at_line": self.resumed_at, "lines_encoded": res["session_lines"], "tokens_encoded": tokens,
+            "wall_s": self.seconds, "loop_s": loop,
+            "tokens_per_s": tokens / self.seconds if self.seconds else 0.0, "loop_tokens_per_s": tokens / loop if loop else 0.0,
+            "batches": len(res["ranks"][0]["forward_s"]),
+            "ttft_s": {"mean": statistics.fmean(rank0), "p50": quantile(rank0, 0.5), "p90": quantile(rank0, 0.9)},
+            "token_spread": {"mean": statistics.fmean(spreads), "max": max(spreads)},
+            "padding_fraction": 1 - sum(r["tokens"] for r in res["ranks"]) / padded if padded else 0.0,
+            "comm_s": statistics.fmean(t.get("comm", 0.0) for t in timers),
+            "compute_s": statistics.fmean(t.get("compute", 0.0) for t in timers),
+            "layers": [{"layer": l["layer"], "max_tokens_per_expert": max(l["tokens_E"]),
+                        "mean_tokens_per_expert": sum(l["tokens_E"]) / len(l["tokens_E"]), "tokens_per_worker": l["tokens_G"]}
+                       for l in res["layers"]],
+            "metadata": self.metadata,
+        }
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """Linear interpolation between the closest ranks (numpy's default)."""
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def default_output(input_path: Path) -> Path:
+    return input_path.with_name(input_path.name + ".moeshard.safetensors")
+
+
+def run(opts: RunOptions) -> RunSummary:
+    start = time.perf_counter()
+    opts.validate()
+    output = opts.output or default_output(opts.input)
+    shards_dir = opts.shards or default_shard_set()
+    writer_node = opts.node_rank == 0
+    if writer_node:
+        outputs.guard_user_files({"--output": output, "--json": opts.json_path}, opts.input, shards_dir)
+    fmt = outputs.output_format(output, opts.pooling)
+    shards = read_shard_set(shards_dir)
+    world = shards.world_size
+    if world % opts.nnodes:
+        raise UserError(f"the shard set has {world} ranks, which does not split over {opts.nnodes} nodes", "use a number of nodes that divides the world size")
+    local = world // opts.nnodes
+    check_files(shards, verify=opts.verify, ranks=list(range(opts.node_rank * local, (opts.node_rank + 1) * local)))
+    device = pick_device(opts.device, local)
+    _check_backend(opts.backend, device, shards)
+    info = scan_input(opts.input)
+    window = round_window(opts.window, opts.batch_size, world)
+    fingerprint = _fingerprint(opts, info, shards, device, fmt, window)
+    digest = outputs.fingerprint_digest(fingerprint)
+    metadata = _metadata(opts, info, shards, digest)
+
+    with _claimed_output(opts, output, fmt, info, shards, metadata, fingerprint, digest) if writer_node else _nothing() as state:
+        job = RunJob(shards=str(shards_dir), input=str(opts.input), lines=info.lines, window=window, batch_size=opts.batch_size,
+                     max_length=opts.max_length, pooling=opts.pooling, normalize=opts.normalize, device=device, backend=opts.backend,
+                     router=opts.router, timeout=opts.timeout, fingerprint=digest,
+                     start=state.position if state else Position(), lines_done=state.lines_done if state else 0,
+                     layout=state.layout if state else None, journal=str(outputs.journal_path(output)) if state else None,
+                     show_progress=opts.show_progress)
+        if opts.nnodes > 1:
+            print(f"node {opts.node_rank} of {opts.nnodes}: waiting up to {opts.timeout:g} s for the other nodes at {opts.rdzv_endpoint}",
+                  file=sys.stderr, flush=True)
+        try:
+            returned = launch(worker_main, job, world, opts.nnodes, opts.node_rank, opts.rdzv_endpoint, opts.debug, join_timeout=opts.timeout)
+        except (UserError, Interrupted) as exc:
+            raise _with_resume_hint(exc, output, info) if writer_node else exc
+        result = returned.get(0)
+        if writer_node:
+            outputs.finalize(state.layout, result["token_end"], output)
+    truncated = (state.truncated_before if state else 0) + (result["truncated"] if result else 0)
+    return RunSummary(shards_dir, output, world, device, info.lines, truncated, result, time.perf_counter() - start,
+                      resumed_at=state.lines_done if state else 0, metadata=metadata)
+
+
+@dataclass
+class _OutputState:
+    layout: outputs.OutputLayout
+    position: Position
+    lines_done: int
+    truncated_before: int
+
+
+@contextmanager
+def _claimed_output(opts: RunOptions, output: Path, fmt: str, info: InputInfo, shards: ShardSet, metadata: dict,
+                    fingerprint: dict, digest: str):
+    """A fresh partial output and journal, or the unfinished ones checked against this command;
+    held under an advisory lock on the journal, so two runs never write one output."""
+    journal = outputs.journal_path(output)
+    lock = _lock(journal, output) if journal.exists() else None
+    try:
+        if lock is not None and outputs.partial_path(output).exists() and not opts.restart:
+            state = outputs.read_journal(journal)
+            if not opts.resume:
+                raise UserError(f"{output} has an unfinished run ({state.lines_done:,} of {info.lines:,} lines written)",
+                                f"continue it with `{resume_command(state.header['argv'])}`, or start over with --restart")
+            _check_same_run(state.header, fingerprint, digest)
+            layout = state.header["layout"]
+            yield _OutputState(outputs.OutputLayout(**{**layout, "metadata": tuple(map(tuple, layout["metadata"]))}),
+                               state.position, state.lines_done, state.truncated_before)
+            return
+        outputs.discard(output)
+        layout = outputs.plan_layout(output, fmt, opts.pooling, info.lines, int(shards.config["d_model"]), metadata)
+        outputs.create_partial(layout)
+        argv = [a for a in opts.argv if a not in ("--resume", "--restart")]
+        outputs.write_journal_header(journal, {"digest": digest, "fingerprint": fingerprint, "argv": argv, "layout": asdict(layout)})
+        if lock is not None:
+            os.close(lock)
+        lock = _lock(journal, output)
+        yield _OutputState(layout, Position(), 0, 0)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _lock(journal: Path, output: Path) -> int:
+    fd = os.open(journal, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"another moeshard run is writing {output}", "wait for it to finish, or choose another --output") from None
+    return fd
+
+
+def resume_command(argv: list[str]) -> str:
+    return shlex.join(["moeshard", *argv, "--resume"])
+
+
+def _check_same_run(header: dict, fingerprint: dict, digest: str) -> None:
+    if header.get("digest") == digest:
+        return
+    before = _flatten(header.get("fingerprint", {}))
+    now = _flatten(fingerprint)
+    key = next((k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)), "the moeshard version")
+    raise UserError(f"--resume: the unfinished run differs in {key} (was {before.get(key)!r}, now {now.get(key)!r})",
+                    "rerun with the input, shard set and options it was started with, or start over with --restart")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _with_resume_hint(exc: BaseException, output: Path, info: InputInfo) -> BaseException:
+    """A stopped run keeps what it wrote, and says how to continue; one that wrote nothing leaves nothing."""
+    journal = outputs.journal_path(output)
+    if not journal.exists():
+        return exc
+    state = outputs.read_journal(journal)
+    if state.lines_done == 0:
+        outputs.discard(output)
+        return exc
+    hint = f"{state.lines_done:,} of {info.lines:,} lines are saved; continue with `{resume_command(state.header['argv'])}`"
+    if isinstance(exc, Interrupted):
+        return Interrupted(exc.signum, hint)
+    return UserError(exc.problem, f"{exc.fix}; {hint}" if exc.fix else hint)
+
+
+def _fingerprint(opts: RunOptions, info: InputInfo, shards: ShardSet, device: str, fmt: str, window: int) -> dict:
+    """Everything that changes the output's bytes: a resumed run must match it exactly."""
+    return {
+        "moeshard": __version__,
+        "input": {"sha256": info.sha256, "bytes": info.bytes, "lines": info.lines},
+        "shards": {"manifest_sha256": _sha256(shards.root / MANIFEST), "world_size": shards.world_size},
+        "options": {"pooling": opts.pooling, "normalize": opts.normalize, "max_length": opts.max_length,
+                    "batch_size": opts.batch_size, "window": window, "router": asdict(opts.router),
+                    "device": device, "expert_backend": opts.backend, "format": fmt},
+    }
+
+
+def _metadata(opts: RunOptions, info: InputInfo, shards: ShardSet, digest: str) -> dict[str, str]:
+    source = shards.data["source"]
+    return {
+        "format": "pt", "source": shards.source_label, "source_kind": str(source.get("kind")),
+        "source_revision": str(source.get("revision")), "shards": str(shards.root), "world_size": str(shards.world_size),
+        "dtype": shards.dtype, "pooling": opts.pooling, "normalize": str(opts.normalize).lower(), "router": opts.router.kind,
+        "max_length": str(opts.max_length), "input": str(info.path), "input_sha256": info.sha256, "lines": str(info.lines),
+        "moeshard_version": __version__, "run_fingerprint": digest,
+    }
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_backend(backend: str, device: str, shards: ShardSet) -> None:
+    import torch
+
+    from moeshard_cli.dtypes import DTYPES
+    from moeshard_cli.moe.experts import resolve_backend
+
+    resolve_backend(backend, torch.device(device), int(shards.config["d_model"]), DTYPES[shards.dtype])
+
+
+@contextmanager
+def _nothing():
+    yield

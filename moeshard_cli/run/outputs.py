@@ -1,0 +1,342 @@
+"""The output file of `moeshard run`, written in place as batches finish, and its journal.
+
+The file is laid out before the first batch, under a hidden name next to the final one
+(`.NAME.partial`): mean pooling needs `lines x d_model` float32 rows, `--pooling none` an
+offsets table `[lines + 1]` followed by every token's row, appended in line order. Rank 0
+writes each row at its place, syncs the data, then appends a record per finished step to the
+journal (`.NAME.journal`): the journal never names rows that are not on disk, so a run
+interrupted at any moment resumes from its last record. The final header is written last
+and the file renamed to its final name; an unfinished output never carries that name.
+
+Formats, by the suffix of --output: `.safetensors` (`embeddings`, or `hidden_states` +
+`offsets`, with metadata) and `.npy` (mean pooling only: `[lines, d_model]` float32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import queue
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moeshard_cli.errors import UserError
+from moeshard_cli.run.feed import Position
+
+FORMATS = {".safetensors": "safetensors", ".npy": "npy"}
+ROW_DTYPE = np.dtype("<f4")
+_MAX_TOKENS_DIGITS = 10**15  # sizes the reserved header of --pooling none before the token count is known
+
+
+def output_format(path: Path, pooling: str) -> str:
+    fmt = FORMATS.get(path.suffix)
+    if fmt is None:
+        raise UserError(f"--output {path} has no known suffix", "end it in .safetensors or .npy")
+    if fmt == "npy" and pooling != "mean":
+        raise UserError("--pooling none cannot be written as .npy (its rows have different lengths)", "use an --output ending in .safetensors")
+    return fmt
+
+
+def partial_path(output: Path) -> Path:
+    return output.with_name(f".{output.name}.partial")
+
+
+def journal_path(output: Path) -> Path:
+    return output.with_name(f".{output.name}.journal")
+
+
+def check_writable(path: Path, flag: str = "--output") -> None:
+    """Fail before any work if the file `flag` names cannot be created."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a directory", "pass a file path")
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise UserError(f"cannot write {flag} {path}: {parent} {what}", f"create the directory or choose another {flag}")
+    probe = parent / f".{path.name}.probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write {flag} {path} ({exc.strerror})", f"choose a writable location for {flag}") from exc
+
+
+def guard_user_files(outputs: dict[str, Path | None], input_path: Path, shards_root: Path) -> None:
+    """Refuse outputs that would overwrite the input or land inside the shard set in use."""
+    named = {flag: p for flag, p in outputs.items() if p is not None}
+    for flag, path in named.items():
+        check_writable(path, flag)
+        if _same_file(path, input_path):
+            raise UserError(f"{flag} {path} is the input file", f"choose another {flag} path; the input stays untouched")
+        if shards_root.resolve() in path.resolve().parents:
+            raise UserError(f"{flag} {path} is inside the shard set {shards_root}", f"write {flag} outside the shard set")
+    paths = list(named.items())
+    for i, (flag, path) in enumerate(paths):
+        for other, other_path in paths[i + 1:]:
+            if _same_file(path, other_path):
+                raise UserError(f"{flag} and {other} are the same file {path}", f"give {other} a path of its own")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where every byte of the output goes. Picklable: it travels to rank 0, the writer."""
+
+    path: str  # the partial file
+    fmt: str
+    pooling: str
+    lines: int
+    d_model: int
+    data_start: int
+    metadata: tuple[tuple[str, str], ...]
+
+    @property
+    def row_bytes(self) -> int:
+        return self.d_model * ROW_DTYPE.itemsize
+
+    def embedding_at(self, line: int) -> int:
+        return self.data_start + line * self.row_bytes
+
+    def offset_at(self, line: int) -> int:
+        return self.data_start + line * 8
+
+    def token_at(self, token: int) -> int:
+        return self.data_start + (self.lines + 1) * 8 + token * self.row_bytes
+
+    def size(self, tokens: int) -> int:
+        return self.token_at(tokens) if self.pooling == "none" else self.embedding_at(self.lines)
+
+    def header(self, tokens: int) -> bytes:
+        """The bytes before `data_start`, exact for a run of `tokens` tokens."""
+        if self.fmt == "npy":
+            out = io.BytesIO()
+            np.lib.format.write_array_header_1_0(out, {"descr": ROW_DTYPE.str, "fortran_order": False, "shape": (self.lines, self.d_model)})
+            return out.getvalue()
+        blob = _safetensors_header(self, tokens)
+        return len(blob).to_bytes(8, "little") + blob
+
+
+def _safetensors_header(layout: OutputLayout, tokens: int, pad: bool = True) -> bytes:
+    N, D = layout.lines, layout.d_model
+    if layout.pooling == "mean":
+        tensors = {"embeddings": {"dtype": "F32", "shape": [N, D], "data_offsets": [0, N * D * 4]}}
+    else:
+        table = (N + 1) * 8
+        tensors = {"offsets": {"dtype": "I64", "shape": [N + 1], "data_offsets": [0, table]},
+                   "hidden_states": {"dtype": "F32", "shape": [tokens, D], "data_offsets": [table, table + tokens * D * 4]}}
+    blob = json.dumps({"__metadata__": dict(layout.metadata), **tensors}, separators=(",", ":")).encode()
+    if not pad:
+        return blob
+    width = layout.data_start - 8
+    if len(blob) > width:
+        raise RuntimeError(f"safetensors header of {len(blob)} bytes does not fit its {width} reserved bytes")
+    return blob + b" " * (width - len(blob))  # safetensors allows trailing spaces in the header
+
+
+def plan_layout(output: Path, fmt: str, pooling: str, lines: int, d_model: int, metadata: dict[str, str]) -> OutputLayout:
+    draft = OutputLayout(str(partial_path(output)), fmt, pooling, lines, d_model, 0, tuple(sorted(metadata.items())))
+    if fmt == "npy":
+        start = len(draft.header(0))
+    else:
+        need = len(_safetensors_header(draft, _MAX_TOKENS_DIGITS, pad=False))
+        start = 8 + -(-need // 8) * 8
+    return OutputLayout(draft.path, fmt, pooling, lines, d_model, start, draft.metadata)
+
+
+def create_partial(layout: OutputLayout) -> None:
+    """The partial file: mean pooling at full (sparse) size, --pooling none up to its offsets table."""
+    needed = layout.size(0)
+    free = shutil.disk_usage(Path(layout.path).parent).free
+    if needed > free:
+        raise UserError(f"the output needs {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free on its disk", "free space or choose another --output")
+    fd = os.open(layout.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        os.ftruncate(fd, needed)
+        if layout.fmt == "npy":
+            os.pwrite(fd, layout.header(0), 0)
+    finally:
+        os.close(fd)
+
+
+def finalize(layout: OutputLayout, tokens: int, output: Path) -> None:
+    """Header, exact size, fsync, rename to the final name, journal gone."""
+    fd = os.open(layout.path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, layout.header(tokens), 0)
+        if layout.pooling == "none":
+            os.pwrite(fd, np.array([tokens], dtype="<i8").tobytes(), layout.offset_at(layout.lines))
+        os.ftruncate(fd, layout.size(tokens))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(layout.path, output)
+    _fsync_dir(output.parent)
+    journal_path(output).unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def discard(output: Path) -> None:
+    partial_path(output).unlink(missing_ok=True)
+    journal_path(output).unlink(missing_ok=True)
+
+
+def fingerprint_digest(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- the journal
+
+
+@dataclass
+class JournalState:
+    header: dict
+    position: Position
+    lines_done: int
+    truncated_before: int  # lines cut in the windows before position's window
+
+
+def write_journal_header(path: Path, header: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(header) + "\n")
+    os.replace(tmp, path)
+
+
+def read_journal(path: Path) -> JournalState:
+    lines = path.read_text().splitlines()
+    try:
+        header = json.loads(lines[0])
+    except (IndexError, json.JSONDecodeError) as exc:
+        raise UserError(f"the journal {path} of the unfinished run is damaged", "start over with --restart") from exc
+    windows: list[dict] = []
+    done: dict[int, dict[int, int]] = {}  # window -> step -> lines
+    for text in lines[1:]:
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:  # a record cut short by a kill: the rows it names are redone
+            continue
+        if "steps" in record:
+            if not windows or windows[-1]["window"] != record["window"]:
+                windows.append(record)
+        elif "step" in record:
+            done.setdefault(record["window"], {})[record["step"]] = record["lines"]
+    if not windows:
+        return JournalState(header, Position(), 0, 0)
+    last = windows[-1]
+    steps = done.get(last["window"], {})
+    truncated_before = sum(w["truncated"] for w in windows[:-1])
+    finished = 0
+    while finished in steps:
+        finished += 1
+    if finished >= last["steps"]:
+        position = Position(last["line"] + last["lines"], last["byte_end"], last["token"] + last["tokens"], 0)
+        return JournalState(header, position, position.line, truncated_before + last["truncated"])
+    position = Position(last["line"], last["byte"], last["token"], finished)
+    return JournalState(header, position, last["line"] + sum(steps[s] for s in range(finished)), truncated_before)
+
+
+# ---------------------------------------------------------------- rank 0's writer
+
+
+class RowWriter:
+    """A thread that writes rows where the layout says and journals what is on disk.
+
+    `window(...)` and `rows(...)` queue work; the thread drains everything queued, writes it,
+    syncs the data once (group commit), then appends the journal records of that group.
+    """
+
+    def __init__(self, layout: OutputLayout, journal: Path, depth: int = 16):
+        self.layout = layout
+        self._fd = os.open(layout.path, os.O_WRONLY)
+        self._journal = os.open(journal, os.O_WRONLY | os.O_APPEND)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="moeshard-writer", daemon=True)
+        self._thread.start()
+
+    def window(self, record: dict, offsets: np.ndarray | None) -> None:
+        """A window starts: its journal record, and (--pooling none) its lines' token offsets."""
+        writes = [(self.layout.offset_at(record["line"]), offsets)] if offsets is not None else []
+        self._put((writes, record))
+
+    def rows(self, record: dict, places: list[tuple[int, np.ndarray]]) -> None:
+        """One step's rows: (byte offset, [n, d_model] float32 rows) pairs, and its journal record."""
+        self._put((places, record))
+
+    def close(self) -> None:
+        """Wait until everything queued is on disk and journaled."""
+        self._put(None)
+        self._thread.join()
+        os.close(self._fd)
+        os.close(self._journal)
+        self._raise()
+
+    def _put(self, item) -> None:
+        while True:
+            self._raise()
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            if isinstance(self.error, OSError):
+                raise UserError(f"cannot write the output {self.layout.path} ({self.error.strerror})",
+                                "free space on its disk or fix its permissions, then rerun with --resume") from self.error
+            raise self.error
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                group = [self._queue.get()]
+                while group[-1] is not None:
+                    try:
+                        group.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                work = [item for item in group if item is not None]
+                for places, _ in work:
+                    for offset, rows in places:
+                        _pwrite_all(self._fd, np.ascontiguousarray(rows).data.cast("B"), offset)
+                if any(places for places, _ in work):
+                    os.fdatasync(self._fd) if hasattr(os, "fdatasync") else os.fsync(self._fd)
+                if work:
+                    os.write(self._journal, "".join(json.dumps(record) + "\n" for _, record in work).encode())
+                if group[-1] is None:
+                    return
+        except BaseException as exc:
+            self.error = exc
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n

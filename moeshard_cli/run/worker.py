@@ -1,0 +1,253 @@
+"""One worker of `moeshard run`: load its rank file, encode its lines step by step, hand rows to rank 0.
+
+Started by torch.distributed's elastic launcher (launch.py), one process per rank. The job it
+receives is a few paths and scalars: each worker reads and tokenizes its own share of the
+input (feed.py). All ranks walk the same schedule in lockstep; after each step the pooled rows
+are gathered on rank 0, whose writer thread puts them in place in the output (outputs.py).
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+from moeshard_cli.errors import UserError
+from moeshard_cli.launch import worker_process_group
+from moeshard_cli.manifest import read_shard_set
+from moeshard_cli.dtypes import DTYPES
+from moeshard_cli.model import build_sharded_encoder, switch_config
+from moeshard_cli.moe.dispatch import ShardedDispatch
+from moeshard_cli.moe.exchange import Collectives
+from moeshard_cli.moe.experts import GroupedExperts, resolve_backend
+from moeshard_cli.moe.layer import ShardedSparseMLP, TokenContext, token_ids_for
+from moeshard_cli.moe.timing import SectionTimer
+from moeshard_cli.run.feed import PlannedWindow, Position, WindowFeed
+from moeshard_cli.run.job import RunJob
+from moeshard_cli.run.outputs import RowWriter
+from moeshard_cli.run.schedule import spread, step_tokens
+
+
+def encode(job: RunJob):
+    with worker_process_group(job.device, job.timeout) as (rank, world, device):
+        return _Encoder(job, rank, world, device).run()
+
+
+class _Encoder:
+    def __init__(self, job: RunJob, rank: int, world: int, device: torch.device):
+        self.job, self.rank, self.world, self.device = job, rank, world, device
+        self.start, self.lines_done = self._agree_on_start()
+
+    def _agree_on_start(self) -> tuple[Position, int]:
+        """Rank 0's node knows where the output stands; every rank checks it runs the same job."""
+        job = self.job
+        if self.world == 1:
+            return job.start, job.lines_done
+        sent = [job.fingerprint, job.start, job.lines_done] if self.rank == 0 else [None, None, None]
+        dist.broadcast_object_list(sent, src=0)
+        if sent[0] != job.fingerprint:
+            raise UserError("this node's input file, shard set or options differ from node 0's",
+                            "run the same command, with the same input and shard set, on every node")
+        return sent[1], sent[2]
+
+    def run(self) -> dict | None:
+        job, rank, world = self.job, self.rank, self.world
+        side = dist.new_group(backend="gloo", timeout=_timeout(job)) if world > 1 else None
+        feed = WindowFeed(Path(job.input), _tokenizer(job.shards), job.max_length, job.window, job.batch_size,
+                          self.start, rank, world, side)
+        try:
+            model, mlps, backend, timer = self._build()
+            writer = RowWriter(job.layout, Path(job.journal)) if rank == 0 else None
+            try:
+                stats = self._loop(feed, model, writer, timer)
+            finally:
+                if writer is not None:
+                    writer.close()
+        finally:
+            feed.close()
+        return self._report(stats, mlps, backend, timer)
+
+    def _build(self):
+        job = self.job
+        shards = read_shard_set(Path(job.shards))
+        config = switch_config(shards.config)
+        timer = SectionTimer(self.device)
+        self.ctx, comm = TokenContext(), Collectives(timer=timer)
+        backend = resolve_backend(job.backend, self.device, config.d_model, DTYPES[shards.dtype])
+        mlps: dict[int, ShardedSparseMLP] = {}
+
+        def make(layer, _config, w_in_EDF, w_out_EFD):
+            dispatch = ShardedDispatch(GroupedExperts(w_in_EDF, w_out_EFD, _act(config), backend), comm, timer)
+            mlps[layer] = ShardedSparseMLP(config.d_model, config.num_experts, config.router_bias, dispatch, job.router, self.ctx, layer)
+            return mlps[layer]
+
+        model, _ = build_sharded_encoder(shards, self.rank, self.device, make)
+        self.pad_id = config.pad_token_id or 0
+        return model, mlps, backend, timer
+
+    @torch.inference_mode()
+    def _loop(self, feed: WindowFeed, model, writer: RowWriter | None, timer) -> dict:
+        job, rank = self.job, self.rank
+        forward_s, spreads = array("f"), array("f")
+        stats = {"tokens": 0, "padded": 0, "session_tokens": 0, "session_lines": 0, "truncated": 0, "token_end": self.start.token}
+        progress = _Progress(job.lines, self.lines_done) if job.show_progress and rank == 0 else None
+        started = time.perf_counter()
+        try:
+            for pw in feed:
+                first = self.start.step if pw.first_line == self.start.line else 0
+                stats["truncated"] += pw.truncated
+                stats["token_end"] = pw.token_base + pw.tokens
+                if writer is not None and first == 0:
+                    writer.window(_window_record(pw), _line_offsets(pw) if job.pooling == "none" else None)
+                prefix = np.concatenate([[0], np.cumsum(pw.lengths)]).astype(np.int64)
+                for s in range(first, len(pw.steps)):
+                    step = pw.steps[s]
+                    tokens_G = step_tokens(step, pw.lengths)
+                    t0 = time.perf_counter()
+                    rows = self._encode(model, pw, step[rank], stats)
+                    forward_s.append(time.perf_counter() - t0)
+                    gathered = self._gather(rows, [len(b) for b in step] if job.pooling == "mean" else tokens_G)
+                    if writer is not None:
+                        writer.rows({"window": pw.index, "step": s, "lines": sum(len(b) for b in step)},
+                                    self._places(pw, step, prefix, gathered))
+                    spreads.append(spread(tokens_G))
+                    stats["session_tokens"] += sum(tokens_G)
+                    stats["session_lines"] += sum(len(b) for b in step)
+                    if progress:
+                        progress.advance(sum(len(b) for b in step), sum(tokens_G))
+        finally:
+            if progress:
+                progress.close()
+        stats["loop_s"] = time.perf_counter() - started
+        stats["forward_s"], stats["spreads"] = forward_s, spreads
+        return stats
+
+    def _encode(self, model, pw: PlannedWindow, mine: list[int], stats: dict) -> torch.Tensor:
+        """This rank's batch through the encoder; pooled (or packed) float32 rows on the device."""
+        device = self.device
+        if mine:
+            rows = [pw.ids[i] for i in mine]
+            lengths = torch.tensor([len(r) for r in rows])
+            ids = pad_sequence(rows, batch_first=True, padding_value=self.pad_id)
+            if ids.shape[1] == 0:  # every line empty, and a tokenizer without end-of-sequence token
+                ids = torch.full((len(rows), 1), self.pad_id)
+            mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+            gid = token_ids_for([pw.first_line + i for i in mine], ids.shape[1])
+            stats["tokens"] += int(lengths.sum())
+            stats["padded"] += ids.numel()
+        else:  # no line left for this rank in this step: it still joins every collective, on padding
+            ids, mask, gid = torch.full((1, 1), self.pad_id), torch.zeros((1, 1), dtype=torch.long), torch.zeros((1, 1), dtype=torch.long)
+        ids, mask, gid = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), gid.to(device, non_blocking=True)
+        self.ctx.set_batch(mask, gid)
+        hidden_BSD = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        if self.job.pooling == "mean":
+            weights_BS1 = mask[:, :, None].to(hidden_BSD.dtype)
+            rows_ND = (hidden_BSD * weights_BS1).sum(1) / weights_BS1.sum(1).clamp_min(1.0)
+            rows_ND = rows_ND[: len(mine)]
+        else:
+            rows_ND = hidden_BSD[mask.bool()]
+        return F.normalize(rows_ND, dim=-1) if self.job.normalize else rows_ND
+
+    def _gather(self, rows_ND: torch.Tensor, sizes_G: list[int]) -> np.ndarray | None:
+        """Every rank's rows on rank 0, in rank order, with one device-to-host copy."""
+        if self.world == 1:
+            return rows_ND.cpu().numpy()
+        pad = max(sizes_G)
+        send = rows_ND.new_zeros(pad, rows_ND.shape[1])
+        send[: rows_ND.shape[0]] = rows_ND
+        out = [torch.empty_like(send) for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather(send, out, dst=0)
+        if self.rank != 0:
+            return None
+        host = torch.stack(out).cpu().numpy()
+        return np.concatenate([host[g, :n] for g, n in enumerate(sizes_G)])
+
+    def _places(self, pw: PlannedWindow, step, prefix: np.ndarray, rows: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(byte offset, rows) for every line of the step, in the order `_gather` stacked them."""
+        layout, places, at = self.job.layout, [], 0
+        for batch in step:
+            for i in batch:
+                line = pw.first_line + i
+                if self.job.pooling == "mean":
+                    places.append((layout.embedding_at(line), rows[at:at + 1]))
+                    at += 1
+                else:
+                    n = pw.lengths[i]
+                    places.append((layout.token_at(pw.token_base + int(prefix[i])), rows[at:at + n]))
+                    at += n
+        return places
+
+    def _report(self, stats: dict, mlps: dict, backend: str, timer) -> dict | None:
+        mine = {"rank": self.rank, "forward_s": list(stats["forward_s"]), "timer": timer.flush(),
+                "tokens": stats["tokens"], "padded": stats["padded"]}
+        gathered = [None] * self.world if self.rank == 0 else None
+        if self.world > 1:
+            dist.gather_object(mine, gathered, dst=0)
+        else:
+            gathered = [mine]
+        if self.rank != 0:
+            return None
+        loads = [{"layer": i, "tokens_E": m.load.tokens_E.tolist(), "tokens_G": m.load.tokens_G.tolist()}
+                 for i, m in sorted(mlps.items()) if m.load.tokens_E is not None]
+        return {"ranks": gathered, "layers": loads, "backend": backend, "loop_s": stats["loop_s"],
+                "session_tokens": stats["session_tokens"], "session_lines": stats["session_lines"],
+                "truncated": stats["truncated"], "token_end": stats["token_end"], "spreads": list(stats["spreads"])}
+
+
+def _window_record(pw: PlannedWindow) -> dict:
+    return {"window": pw.index, "line": pw.first_line, "lines": len(pw.lengths), "byte": pw.byte_start, "byte_end": pw.byte_end,
+            "token": pw.token_base, "tokens": pw.tokens, "truncated": pw.truncated, "steps": len(pw.steps)}
+
+
+def _line_offsets(pw: PlannedWindow) -> np.ndarray:
+    """Global token offset of every line of the window (--pooling none's offsets table)."""
+    return (pw.token_base + np.concatenate([[0], np.cumsum(pw.lengths)[:-1]])).astype("<i8")
+
+
+def _tokenizer(shards: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(shards)
+    except Exception as exc:
+        raise UserError(f"cannot load the tokenizer saved in {shards} ({type(exc).__name__})",
+                        "re-shard from a checkpoint that ships its tokenizer files") from exc
+
+
+def _act(config):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[config.dense_act_fn]
+
+
+def _timeout(job: RunJob):
+    from datetime import timedelta
+
+    return timedelta(seconds=job.timeout)
+
+
+class _Progress:
+    """Rank 0's bar: lines written of the whole input (a resumed run starts where it stopped)."""
+
+    def __init__(self, total: int, done: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]encoding"), BarColumn(), MofNCompleteColumn(), TextColumn("lines"),
+                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=True)
+        self.task = self.bar.add_task("encoding", total=total, completed=done, rate="")
+        self.tokens, self.t0 = 0, time.perf_counter()
+        self.bar.start()
+
+    def advance(self, lines: int, tokens: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.update(self.task, advance=lines, rate=f"{rate:,.0f} tok/s")
+
+    def close(self) -> None:
+        self.bar.stop()
