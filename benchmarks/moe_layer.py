@@ -25,7 +25,7 @@ from moeshard_cli.moe.experts import GroupedExperts
 from moeshard_cli.moe.layer import ShardedSparseMLP, TokenContext
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.moe.timing import SectionTimer
-from moeshard_cli.plan import slice_bounds
+from moeshard_cli.shard.plan import slice_bounds
 
 D, D_FF = 768, 3072
 
@@ -86,7 +86,7 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
                                 samples.append(elapsed[0].item())
                                 comm.append(elapsed[1].item())
                                 used.append(int((layer.load.tokens_E > 0).sum()))
-                            layer.load.tokens_E = layer.load.tokens_G = None
+                            layer.load.reset()
                     rows.append((E, backend, strategy, skew, statistics.median(samples), statistics.median(comm), statistics.fmean(used)))
     if rank == 0:
         queue.put(rows)

@@ -110,7 +110,7 @@ def main() -> None:
         rows.append(measure(args, shards, corpus))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     names = ["launcher"] + [f"rank {r}" for r in range(args.workers)]
-    print(f"| lines | tokens | command s | encode loop s | end-to-end tok/s | loop tok/s | end-to-end / loop | token spread mean / max | padding | "
+    print("| lines | tokens | command s | encode loop s | end-to-end tok/s | loop tok/s | end-to-end / loop | token spread mean / max | padding | "
           + " | ".join(f"peak RSS {n}" for n in names) + " |")
     print("|" + "---|" * (9 + len(names)))
     for r in rows:

@@ -48,12 +48,12 @@ def transformers_tokens_per_s(shards: Path, text: Path, batch_size: int, threads
     from transformers import AutoTokenizer
 
     from moeshard_cli.corpus import plan_batches, read_lines, tokenize
-    from moeshard_cli.manifest import read_shard_set
-    from moeshard_cli.model import reassemble_state, reference_encoder, switch_config
+    from moeshard_cli.shard.manifest import read_shard_set
+    from moeshard_cli.reference import reassemble_state, reference_encoder
 
     torch.set_num_threads(threads)
     s = read_shard_set(shards)
-    model = reference_encoder(switch_config(s.config), reassemble_state(s))
+    model = reference_encoder(s.config, reassemble_state(s))
     ids = tokenize(read_lines(text), AutoTokenizer.from_pretrained(str(shards)), 512).ids
     batches = plan_batches([len(r) for r in ids], batch_size, 1)[0]
     # Like `moeshard run`'s wall time: the whole corpus, first (cold) batch included, loading excluded.

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from moeshard_cli import __version__
-from moeshard_cli.builtin import DEFAULT_MODEL
+from moeshard_cli.shard.builtin import DEFAULT_MODEL
 from moeshard_cli.errors import Interrupted, UserError
 
 app = typer.Typer(
@@ -51,11 +51,12 @@ def shard(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing shard set in --out."),
 ):
     """Slice a checkpoint into per-rank safetensors files (a slice of every expert each)."""
-    from moeshard_cli.report import print_shard_summary, byte_progress
-    from moeshard_cli.shard import shard as do_shard
+    from moeshard_cli.shard.report import print_shard_summary
+    from moeshard_cli.ui import byte_progress
+    from moeshard_cli.shard.command import ShardOptions, shard as do_shard
 
     with byte_progress(console, "sharding") as progress:
-        result = do_shard(source, gpus, out, dtype, revision, force, progress)
+        result = do_shard(ShardOptions(source, gpus, out, dtype, revision, force), progress)
     print_shard_summary(console, result)
 
 
@@ -85,20 +86,19 @@ def run(
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0's rendezvous (multi-node)."),
 ):
     """Encode a text file with one worker per rank of a shard set."""
-    from moeshard_cli.moe.routing import RouterSpec
-    from moeshard_cli.report import print_run_summary
+    from moeshard_cli.run.report import print_run_summary
     from moeshard_cli.run.command import RunOptions, run as do_run
 
     opts = RunOptions(
         input=input, shards=shards, output=output, batch_size=batch_size, max_length=max_length, window=window, pooling=pooling,
-        normalize=normalize, device=device, backend=expert_backend, router=RouterSpec(router, skew, hot_experts, seed),
+        normalize=normalize, device=device, backend=expert_backend, router=router, skew=skew, hot_experts=hot_experts, seed=seed,
         timeout=timeout, verify=verify, resume=resume, restart=restart, json_path=json_path, nnodes=nnodes,
         node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, debug=STATE["debug"], show_progress=console.is_terminal,
     )
     summary = do_run(opts)
     print_run_summary(console, summary)
     if json_path and summary.result is not None:  # only the node that hosts rank 0 has the figures
-        from moeshard_cli.manifest import write_json_atomic
+        from moeshard_cli.files import write_json_atomic
 
         write_json_atomic(json_path, summary.figures())
 
@@ -127,24 +127,18 @@ def bench(
 ):
     """Compare MoEShard with DeepSpeed-MoE and expert parallelism, as in the paper."""
     from moeshard_cli.bench.report import plot as write_plot, print_tables, write_json
-    from moeshard_cli.bench.runner import PAPER, BenchOptions, bench as do_bench, estimate_seconds, parse_list
-    from moeshard_cli.run.outputs import check_writable
+    from moeshard_cli.bench.command import BenchOptions, bench as do_bench, estimate_seconds, parse_list
 
-    for flag, path in (("--plot", plot_path), ("--json", json_path)):
-        if path:
-            check_writable(path, flag)
     opts = BenchOptions(
         skews=parse_list(skew, float, "--skew"), hot_experts=hot_experts, experts=parse_list(experts, int, "--experts"),
         batch_sizes=parse_list(batch_sizes, int, "--batch-sizes"), seq_len=seq_len, gpus=gpus, iters=iters, warmup=warmup,
         systems=parse_list(systems, str, "--systems"), capacity_factor=capacity_factor, model=model, per_layer=per_layer,
-        device=device, seed=seed, max_cell_seconds=max_cell_seconds, timeout=timeout, debug=STATE["debug"],
-        show_progress=console.is_terminal,
+        device=device, seed=seed, max_cell_seconds=max_cell_seconds, timeout=timeout, json_path=json_path, plot_path=plot_path,
+        debug=STATE["debug"], show_progress=console.is_terminal,
     )
     if paper:
-        opts.experts, opts.batch_sizes, opts.seq_len, opts.gpus = PAPER["experts"], PAPER["batch_sizes"], PAPER["seq_len"], PAPER["gpus"]
-    from moeshard_cli.bench.runner import validate
-
-    validate(opts)
+        opts.use_paper_sweep()
+    opts.validate()
     console.print(f"estimated time: about {estimate_seconds(opts, opts.gpus or 2) / 60:.1f} min (a FLOP-count guess)")
     result = do_bench(opts)
     print_tables(console, result, per_layer)
@@ -158,13 +152,13 @@ def bench(
 
 @app.command()
 def demo(
-    workers: int = typer.Option(2, "--workers", help="Number of worker processes."),
+    gpus: int = typer.Option(2, "--gpus", "--workers", "-n", help="Number of ranks (worker processes on CPU)."),
     out: Path = typer.Option(Path("moeshard-demo"), "--out", help="Directory for the demo's shard set and output."),
 ):
     """Shard the built-in tiny-switch, encode a sample corpus across workers, check against transformers."""
     from moeshard_cli.demo import run_demo
 
-    run_demo(console, workers, out, debug=STATE["debug"])
+    run_demo(console, gpus, out, debug=STATE["debug"])
 
 
 def main() -> None:

@@ -10,24 +10,29 @@ from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from moeshard_cli.builtin import DEFAULT_MODEL
-from moeshard_cli.manifest import read_shard_set
-from moeshard_cli.model import reassemble_state, reference_encoder, switch_config
-from moeshard_cli.reference import reference_embeddings
-from moeshard_cli.report import byte_progress, print_run_summary, print_shard_summary
+from moeshard_cli.launch import pick_device
+from moeshard_cli.shard.builtin import DEFAULT_MODEL
+from moeshard_cli.shard.manifest import read_shard_set
+from moeshard_cli.reference import reassemble_state, reference_embeddings, reference_encoder
+from moeshard_cli.run.report import print_run_summary
+from moeshard_cli.shard.report import print_shard_summary
+from moeshard_cli.ui import byte_progress
 from moeshard_cli.run.command import RunOptions, run
 from moeshard_cli.run.inputs import read_windows, tokenize
-from moeshard_cli.shard import shard
+from moeshard_cli.shard.command import ShardOptions, shard
 
 TOLERANCE = 1e-4
 
 
-def run_demo(console: Console, workers: int, out: Path, debug: bool = False) -> float:
+def run_demo(console: Console, gpus: int, out: Path, debug: bool = False) -> float:
     corpus = Path(str(files("moeshard_cli") / "data" / "sample.txt"))
-    shards_dir = out / f"{DEFAULT_MODEL}-w{workers}"
-    console.rule(f"1. moeshard shard {DEFAULT_MODEL} --gpus {workers} --out {shards_dir} --force")
+    shards_dir = out / f"{DEFAULT_MODEL}-w{gpus}"
+    options = ShardOptions(DEFAULT_MODEL, gpus, shards_dir, force=True)
+    options.validate()
+    pick_device("auto", gpus)  # before writing anything: can this machine host that many workers?
+    console.rule(f"1. moeshard shard {DEFAULT_MODEL} --gpus {gpus} --out {shards_dir} --force")
     with byte_progress(console, "sharding") as progress:
-        result = shard(DEFAULT_MODEL, workers, shards_dir, "float32", None, force=True, progress=progress)
+        result = shard(options, progress=progress)
     print_shard_summary(console, result)
 
     output = out / "sample.moeshard.safetensors"
@@ -41,7 +46,7 @@ def run_demo(console: Console, workers: int, out: Path, debug: bool = False) -> 
     shards = read_shard_set(shards_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(shards_dir))
     ids, _ = tokenize([t for w in read_windows(corpus, 1 << 20) for t in w.texts], tokenizer, 512)
-    expected = torch.stack(reference_embeddings(reference_encoder(switch_config(shards.config), reassemble_state(shards)), ids))
+    expected = torch.stack(reference_embeddings(reference_encoder(shards.config, reassemble_state(shards)), ids))
     err = (load_file(str(output))["embeddings"] - expected).abs().max().item()
     verdict = "[green]match[/]" if err <= TOLERANCE else "[red]MISMATCH[/]"
     console.print(f"max abs difference over {len(ids)} lines: {err:.2e} (tolerance {TOLERANCE:g}) {verdict}")

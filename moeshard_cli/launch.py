@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import logging
+import math
 import os
 import re
 import shutil
@@ -41,10 +42,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(requested: str) -> None:
+    if requested not in DEVICES:
+        raise ValueError(f"{requested} is unknown")
+
+
 def pick_device(requested: str, local_workers: int) -> str:
     """cuda when asked (or on auto, when this node has a GPU per local rank), else cpu."""
-    if requested not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {requested} is unknown", "use auto, cpu or cuda")
+    check_device(requested)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if requested == "cuda" or (requested == "auto" and gpus):
         if gpus < local_workers:
@@ -61,7 +69,7 @@ def pick_device(requested: str, local_workers: int) -> str:
 
 
 def launch(entrypoint, job, world: int, nnodes: int = 1, node_rank: int = 0, endpoint: str | None = None,
-           debug: bool = False, join_timeout: float = 600) -> dict:
+           debug: bool = False, timeout: float = 600) -> dict:
     """Run `entrypoint(job)` on every local rank; returns {global rank: return value} for this node.
 
     A dead worker raises a UserError naming its rank (worker logs are kept); Ctrl-C and SIGTERM
@@ -84,7 +92,7 @@ def launch(entrypoint, job, world: int, nnodes: int = 1, node_rank: int = 0, end
     config = LaunchConfig(
         min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=local, run_id="moeshard",
         rdzv_backend="c10d", rdzv_endpoint=endpoint or f"127.0.0.1:{free_port()}",
-        rdzv_configs={"is_host": node_rank == 0, "join_timeout": join_timeout}, max_restarts=0,
+        rdzv_configs={"is_host": node_rank == 0, "join_timeout": math.ceil(timeout)}, max_restarts=0,  # whole seconds
         monitor_interval=0.1, start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ERR, tee=Std.ERR if debug else Std.NONE),
     )

@@ -1,64 +1,50 @@
-"""Build the encoder a worker runs: transformers' model, its sparse MLPs swapped afterwards.
+"""Build the encoders the workers run: transformers' model, its sparse MLPs swapped afterwards.
 
 The model code stays transformers' own (attention, position bias, norms, residuals); the
 distributed part is applied by `install_moe`, a small plain function in the spirit of
-gpt-fast's tp.py. Everything is built on the meta device and then assigned the tensors of
-one rank file, so full expert weights are never allocated.
+gpt-fast's tp.py. Everything is built on the meta device and then assigned real tensors, so
+full expert weights are never allocated. `run` builds from one rank file; `bench` builds the
+same shell from a checkpoint's replicated weights and gives each system its own MLPs.
 """
 
 from __future__ import annotations
-
 
 from typing import Callable
 
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import SwitchTransformersConfig, SwitchTransformersEncoderModel
-from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
-from moeshard_cli.manifest import ShardSet
 from moeshard_cli.moe.experts import stack_experts
-from moeshard_cli.plan import EXPERT_KEY
-
-def switch_config(config: dict | SwitchTransformersConfig) -> SwitchTransformersConfig:
-    return config if isinstance(config, SwitchTransformersConfig) else SwitchTransformersConfig.from_dict(dict(config))
+from moeshard_cli.shard.manifest import ShardSet
+from moeshard_cli.switch import ENCODER_EMBED_KEY, meta_encoder, parse_expert_key, set_sparse_mlp, sparse_layers, switch_config, tie_embeddings
 
 
-def meta_encoder(config: SwitchTransformersConfig) -> SwitchTransformersEncoderModel:
-    with torch.device("meta"):
-        model = SwitchTransformersEncoderModel(config)
-    return model.eval()
-
-
-def sparse_layers(model: SwitchTransformersEncoderModel) -> list[int]:
-    return [i for i, block in enumerate(model.encoder.block) if isinstance(block.layer[-1].mlp, SwitchTransformersSparseMLP)]
-
-
-def install_moe(model: SwitchTransformersEncoderModel, make_mlp: Callable[[int], nn.Module]) -> list[int]:
+def install_moe(model, make_mlp: Callable[[int], nn.Module]) -> list[int]:
     """Replace every sparse MLP of the encoder by `make_mlp(block_index)`; returns the indices."""
     layers = sparse_layers(model)
     for i in layers:
-        model.encoder.block[i].layer[-1].mlp = make_mlp(i)
+        set_sparse_mlp(model, i, make_mlp(i))
     return layers
 
 
 def split_expert_weights(state: dict[str, torch.Tensor]) -> dict[int, tuple[list, list]]:
     """Pop the per-expert wi/wo slices out of a state dict: {layer: ([wi_e...], [wo_e...])}."""
     found: dict[int, dict[str, dict[int, torch.Tensor]]] = {}
-    for key in [k for k in state if EXPERT_KEY.match(k)]:
-        layer, expert, matrix = EXPERT_KEY.match(key).groups()
-        found.setdefault(int(layer), {"wi": {}, "wo": {}})[matrix][int(expert)] = state.pop(key)
+    for key in list(state):
+        if parsed := parse_expert_key(key):
+            layer, expert, matrix = parsed
+            found.setdefault(layer, {"wi": {}, "wo": {}})[matrix][expert] = state.pop(key)
     return {layer: ([m["wi"][e] for e in sorted(m["wi"])], [m["wo"][e] for e in sorted(m["wo"])]) for layer, m in found.items()}
 
 
-def assign_weights(model: SwitchTransformersEncoderModel, state: dict[str, torch.Tensor]) -> None:
+def assign_weights(model, state: dict[str, torch.Tensor]) -> None:
     """Assign replicated weights onto the meta model, re-tie the embedding, and check nothing is left on meta."""
     result = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if k != "encoder.embed_tokens.weight"]
+    tie_embeddings(model)
+    missing = [k for k in result.missing_keys if k != ENCODER_EMBED_KEY]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"rank file does not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
-    model.encoder.embed_tokens.weight = model.shared.weight
+        raise RuntimeError(f"weights do not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     for router in (m for n, m in model.named_modules() if n.endswith("router.classifier")):
         router.float()  # transformers computes router logits in float32
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -72,8 +58,8 @@ def read_rank_file(shards: ShardSet, rank: int, device: torch.device) -> dict[st
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def build_sharded_encoder(shards: ShardSet, rank: int, device: torch.device, make_mlp) -> tuple[SwitchTransformersEncoderModel, list[int]]:
-    """`make_mlp(layer, config, w_in_EDF, w_out_EFD)` builds each layer's sharded MLP."""
+def build_sharded_encoder(shards: ShardSet, rank: int, device: torch.device, make_mlp):
+    """`make_mlp(layer, config, w_in_EDF, w_out_EFD)` builds each layer's sharded MLP from this rank's slices."""
     config = switch_config(shards.config)
     model = meta_encoder(config)
     state = read_rank_file(shards, rank, device)
@@ -83,22 +69,10 @@ def build_sharded_encoder(shards: ShardSet, rank: int, device: torch.device, mak
     return model, layers
 
 
-def reassemble_state(shards: ShardSet) -> dict[str, torch.Tensor]:
-    """The full encoder state dict from all rank files (rank 0's replicated weights)."""
-    full = read_rank_file(shards, 0, torch.device("cpu"))
-    for rank in range(1, shards.world_size):
-        part = read_rank_file(shards, rank, torch.device("cpu"))
-        for key in [k for k in part if EXPERT_KEY.match(k)]:
-            dim = 0 if key.endswith("wi.weight") else 1
-            full[key] = torch.cat([full[key], part[key]], dim=dim)
-    return full
-
-
-def reference_encoder(config: SwitchTransformersConfig, state: dict[str, torch.Tensor]) -> SwitchTransformersEncoderModel:
-    """transformers' own encoder in one process, made dropless (capacity >= any sequence)."""
+def build_shell(config, replicated: dict[str, torch.Tensor], make_mlp: Callable[[int], nn.Module], device: torch.device):
+    """The encoder around the experts (attention, norms, embeddings, routers) with `make_mlp(layer)`
+    in every sparse block; the bench swaps each MLP's dispatch per system."""
     model = meta_encoder(config)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.encoder.embed_tokens.weight = model.shared.weight
-    for i in sparse_layers(model):
-        model.encoder.block[i].layer[-1].mlp.router.expert_capacity = 10**9
-    return model.eval()
+    layers = install_moe(model, make_mlp)
+    assign_weights(model, replicated)
+    return model.to(device), layers

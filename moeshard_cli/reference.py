@@ -12,16 +12,38 @@ from types import MethodType
 import torch
 import torch.nn.functional as F
 
+from moeshard_cli.model import read_rank_file
 from moeshard_cli.moe.layer import token_ids_for
 from moeshard_cli.moe.routing import RouterSpec, route
-from moeshard_cli.model import sparse_layers
+from moeshard_cli.shard.manifest import ShardSet
+from moeshard_cli.switch import join_expert, meta_encoder, parse_expert_key, sparse_layers, sparse_mlp, tie_embeddings
+
+def reassemble_state(shards: ShardSet) -> dict[str, torch.Tensor]:
+    """The full encoder state dict from all rank files (rank 0's replicated weights, every expert joined)."""
+    parts = [read_rank_file(shards, rank, torch.device("cpu")) for rank in range(shards.world_size)]
+    full = parts[0]
+    for key in full:
+        if parsed := parse_expert_key(key):
+            full[key] = join_expert(parsed[2], [part[key] for part in parts])
+    return full
+
+
+def reference_encoder(config, state: dict[str, torch.Tensor]):
+    """transformers' own encoder in one process, made dropless (capacity >= any sequence)."""
+    model = meta_encoder(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    tie_embeddings(model)
+    for i in sparse_layers(model):
+        sparse_mlp(model, i).router.expert_capacity = 10**9
+    return model.eval()
+
 
 def force_router(model, spec: RouterSpec, holder: dict) -> None:
     """Make every transformers router of `model` follow `spec`; `holder["ids"]` holds the batch's [B, S] token ids."""
     if spec.kind == "model":
         return
     for layer in sparse_layers(model):
-        router = model.encoder.block[layer].layer[-1].mlp.router
+        router = sparse_mlp(model, layer).router
 
         def forward(self, hidden_BSD, layer=layer):
             B, S, _ = hidden_BSD.shape

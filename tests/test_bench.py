@@ -93,3 +93,17 @@ def test_plot_is_a_png(tiny_sweep):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert width > 500 and height > 200
+
+
+def test_a_cells_dropped_tokens_do_not_depend_on_the_cells_before_it(tiny_sweep, tmp_path):
+    """The sweep's last cell (batch 3, skew 0.6) ran after three others on the same DeepSpeed layers;
+    alone, it must report the same dropped share (the counters are reset per cell)."""
+    args = ["bench", "--model", "tiny-switch", "--batch-sizes", "3", "--seq-len", "16", "--iters", "3", "--warmup", "1",
+            "--skew", "0.6", "--systems", "moeshard,deepspeed", "--capacity-factor", "1", "--json", tmp_path / "alone.json"]
+    code, _, stderr = run_cli(args, timeout=240)
+    assert code == 0, stderr
+    alone = {c["system"]: c for c in json.loads((tmp_path / "alone.json").read_text())["cells"]}
+    swept = {c["system"]: c for c in tiny_sweep[0]["cells"] if c["batch_size"] == 3 and c["skew"] == 0.6}
+    earlier = [c["dropped_pct"] for c in tiny_sweep[0]["cells"] if c["system"] == "deepspeed" and (c["batch_size"], c["skew"]) != (3, 0.6)]
+    assert alone["deepspeed"]["dropped_pct"] > 0 and any(pct != alone["deepspeed"]["dropped_pct"] for pct in earlier)
+    assert swept["deepspeed"]["dropped_pct"] == alone["deepspeed"]["dropped_pct"]

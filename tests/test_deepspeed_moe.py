@@ -157,18 +157,18 @@ def check_dropping(rank):
 
 
 def check_column_slices(rank):
-    """The bench's layout: experts held as S column slices [S, E_local, D, F/S] whose outputs add up."""
+    """The bench's layout: experts held as G column slices [G, E_local, D, F/G] whose outputs add up."""
     from moeshard_cli.bench.deepspeed_moe import DeepSpeedDispatch
     from moeshard_cli.moe.exchange import Collectives
 
-    E, S = 4, 2
+    E, G = 4, 2
     w_in, w_out = _full_weights(E, seed=3)
-    w_in_SEDF = w_in.view(E, D_MODEL, S, D_FF // S).permute(2, 0, 1, 3).contiguous()
-    w_out_SEFD = w_out.view(E, S, D_FF // S, D_MODEL).transpose(0, 1).contiguous()
+    w_in_GEDF = w_in.view(E, D_MODEL, G, D_FF // G).permute(2, 0, 1, 3).contiguous()
+    w_out_GEFD = w_out.view(E, G, D_FF // G, D_MODEL).transpose(0, 1).contiguous()
     local = slice(rank * E // WORLD, (rank + 1) * E // WORLD)
-    disp = DeepSpeedDispatch(w_in_SEDF[:, local], w_out_SEFD[:, local], E, _act(), False, 1.0, Collectives())
+    disp = DeepSpeedDispatch(w_in_GEDF[:, local], w_out_GEFD[:, local], E, _act(), False, 1.0, Collectives())
     expert = disp.moe.deepspeed_moe.experts.deepspeed_experts[1]
-    assert expert.more_slices[0].wi.weight.data_ptr() == w_in_SEDF[1, local][1].data_ptr()
+    assert expert.more_slices[0].wi.weight.data_ptr() == w_in_GEDF[1, local][1].data_ptr()
     x_TD, expert_T = _inputs(rank, E, [0.4, 0.3, 0.2, 0.1], seed=3)
     y_TD, _ = disp(x_TD, expert_T)
     err = (y_TD - _reference(x_TD, expert_T, w_in, w_out, _act())).abs().max().item()

@@ -3,12 +3,15 @@ grouped expert compute and the world-size-1 dispatch."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
 from moeshard_cli.errors import UserError
+from moeshard_cli.run.command import RunOptions
 from moeshard_cli.moe.dispatch import ShardedDispatch
 from moeshard_cli.moe.exchange import Collectives, exclusive_cumsum, expert_major_index
 from moeshard_cli.moe.experts import GroupedExperts, megablocks_available, padded_width, stack_experts
@@ -111,11 +114,22 @@ def test_token_uniforms_do_not_depend_on_batching():
     assert abs(float(u_T.mean()) - 0.5) < 0.02
 
 
-def test_router_spec_rejects_bad_values():
-    for kwargs in ({"kind": "random"}, {"kind": "skewed", "skew": -0.1}, {"kind": "skewed", "hot_experts": 0.0}, {"kind": "skewed", "hot_experts": 1.5}):
-        with pytest.raises(UserError) as info:
-            RouterSpec(**kwargs)
-        assert info.value.fix and "\n" not in info.value.line()
+ROUTER_VALUES = [({"kind": "random"}, "--router random is unknown"), ({"kind": "skewed", "skew": -0.1}, "--skew -0.1 is negative"),
+                 ({"kind": "skewed", "skew": float("nan")}, "--skew nan is not a finite number"),
+                 ({"kind": "skewed", "hot_experts": 0.0}, "--hot-experts 0.0 is outside (0, 1]"),
+                 ({"kind": "skewed", "hot_experts": 1.5}, "--hot-experts 1.5 is outside (0, 1]")]
+
+
+@pytest.mark.parametrize("kwargs, message", ROUTER_VALUES, ids=[m for _, m in ROUTER_VALUES])
+def test_router_spec_rejects_bad_values(kwargs, message):
+    """The core says what is wrong in plain words; `run`'s options turn it into one line naming the flag."""
+    with pytest.raises(ValueError):
+        RouterSpec(**kwargs)
+    fields = {"kind": "router", "skew": "skew", "hot_experts": "hot_experts"}
+    opts = RunOptions(input=Path("x.txt"), **{fields[k]: v for k, v in kwargs.items()})
+    with pytest.raises(UserError) as info:
+        opts.validate()
+    assert info.value.fix and "\n" not in info.value.line() and info.value.line().startswith(message)
 
 
 # ---------------------------------------------------------------- grouped expert compute
@@ -195,7 +209,7 @@ def test_sharded_sparse_mlp_matches_transformers_on_real_tokens():
     padding positions are not routed and get a zero MLP output."""
     from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
 
-    from moeshard_cli.builtin import builtin_config
+    from moeshard_cli.shard.builtin import builtin_config
 
     config = builtin_config("tiny-switch")
     torch.manual_seed(0)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from moeshard_cli.errors import UserError
-from moeshard_cli.plan import classify, rank_file_name, slice_bounds, slice_expert, sliced_shape
+from moeshard_cli.shard.command import ShardOptions
+from moeshard_cli.shard.plan import classify, rank_file_name, slice_bounds
+from moeshard_cli.switch import join_expert, slice_expert, sliced_shape
 
 # d_ff, ranks, expected slice widths (wider slices first, widths differ by at most one)
 WIDTHS = [
@@ -57,10 +59,16 @@ def test_every_world_size_up_to_d_ff_is_balanced(d_ff):
     ],
 )
 def test_slice_bounds_rejects(d_ff, world, message):
-    with pytest.raises(UserError) as info:
+    """The pure function says what is wrong with the value; the shard command's options name the flag and the fix."""
+    with pytest.raises(ValueError) as plain:
         slice_bounds(d_ff, world)
+    assert "--" not in str(plain.value)
+    opts = ShardOptions("tiny-switch", world)
+    with pytest.raises(UserError) as info:
+        opts.validate()
+        opts.bounds(d_ff)
     line = info.value.line()
-    assert message in line and "\n" not in line
+    assert message in line and "\n" not in line and str(plain.value) in line
     assert info.value.fix  # every refusal names a fix
 
 
@@ -105,6 +113,8 @@ def test_slices_reassemble_the_expert():
     bounds = slice_bounds(130, 3)
     assert torch.equal(torch.cat([slice_expert("wi", wi, lo, hi) for lo, hi in bounds], 0), wi)
     assert torch.equal(torch.cat([slice_expert("wo", wo, lo, hi) for lo, hi in bounds], 1), wo)
+    for matrix, full in (("wi", wi), ("wo", wo)):
+        assert torch.equal(join_expert(matrix, [slice_expert(matrix, full, lo, hi) for lo, hi in bounds]), full)
 
 
 def test_rank_file_names_sort_in_rank_order():

@@ -24,10 +24,9 @@ from safetensors import safe_open
 
 from conftest import invoke
 from moeshard_cli.launch import free_port
-from moeshard_cli.manifest import MANIFEST, read_shard_set
-from moeshard_cli.model import reassemble_state, reference_encoder, switch_config
+from moeshard_cli.shard.manifest import MANIFEST, read_shard_set
 from moeshard_cli.moe.routing import RouterSpec
-from moeshard_cli.reference import reference_embeddings
+from moeshard_cli.reference import reassemble_state, reference_embeddings, reference_encoder
 from moeshard_cli.launch import MAX_CPU_WORKERS_PER_CORE
 
 pytestmark = pytest.mark.slow
@@ -277,7 +276,7 @@ def reference(shard_sets, tokenizer):
         key = (world, spec, tuple(lines), pooling)
         if key not in cache:
             shards = read_shard_set(shard_sets[world])
-            model = reference_encoder(switch_config(shards.config), reassemble_state(shards))
+            model = reference_encoder(shards.config, reassemble_state(shards))
             ids = tokenizer(list(lines), truncation=True, max_length=MAX_LENGTH)["input_ids"]
             cache[key] = reference_embeddings(model, ids, spec, pooling)
         return cache[key]

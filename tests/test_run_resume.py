@@ -215,7 +215,7 @@ def test_resume_redoes_at_most_the_work_in_flight(interrupted, name):
     assert case["steps_saved"] >= 40
     assert fig["resumed_at_line"] >= 40 * 4  # 4 lines per step on 2 workers
     assert fig["lines_encoded"] == LINES - fig["resumed_at_line"]
-    assert f"resumed at line" in case["resume"][1]
+    assert "resumed at line" in case["resume"][1]
 
 
 def test_a_killed_worker_stops_the_run_and_names_its_rank(interrupted):

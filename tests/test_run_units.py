@@ -300,7 +300,7 @@ def test_header_is_padded_exactly(tmp_path):
 
 def test_rank_file_checksums_are_cached_until_a_file_changes(tmp_path, monkeypatch):
     from conftest import invoke
-    from moeshard_cli import manifest
+    from moeshard_cli.shard import manifest
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert invoke(["shard", "tiny-switch", "--gpus", 2, "--out", tmp_path / "set"])[0] == 0

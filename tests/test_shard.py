@@ -17,11 +17,12 @@ import torch
 from safetensors import safe_open
 
 from conftest import ARCHS, FORMATS, cli_popen, invoke, read_rank_files, run_cli, tiny_checkpoint
-from moeshard_cli import builtin
-from moeshard_cli.checkpoint import expected_encoder_tensors
+from moeshard_cli.shard import builtin
+from moeshard_cli.shard.sources import expected_encoder_tensors
 from moeshard_cli.errors import UserError
-from moeshard_cli.manifest import MANIFEST, check_files, read_shard_set
-from moeshard_cli.plan import EXPERT_KEY, rank_file_name, slice_bounds
+from moeshard_cli.shard.manifest import MANIFEST, check_files, read_shard_set
+from moeshard_cli.shard.plan import rank_file_name, slice_bounds
+from moeshard_cli.switch import EXPERT_KEY
 
 D_FF = 130  # tiny-switch
 
@@ -354,7 +355,7 @@ class _FullDisk:
 @pytest.mark.parametrize("budget", [0, 1_000_000], ids=["at-header", "mid-tensors"])
 @pytest.mark.parametrize("pre_existing", [False, True], ids=["new-out", "empty-out"])
 def test_full_disk_mid_write_cleans_up(tmp_path, monkeypatch, pre_existing, budget):
-    from moeshard_cli.stwriter import StreamingSafetensorsWriter
+    from moeshard_cli.shard.writer import StreamingSafetensorsWriter
 
     fake = _FullDisk(StreamingSafetensorsWriter.append, budget=budget)
     monkeypatch.setattr(StreamingSafetensorsWriter, "append", lambda self, data: fake(self, data))
@@ -367,7 +368,7 @@ def test_full_disk_mid_write_cleans_up(tmp_path, monkeypatch, pre_existing, budg
 
 
 def test_full_disk_at_manifest_removes_finished_rank_files(tmp_path, monkeypatch):
-    import moeshard_cli.shard as shard_mod
+    import moeshard_cli.shard.command as shard_mod
 
     def full(path, obj):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -458,7 +459,7 @@ def test_one_rank_per_column_raises_the_open_file_limit(tmp_path, low_open_file_
 
 
 def test_too_many_open_files_is_one_line(tmp_path, monkeypatch, low_open_file_limit):
-    import moeshard_cli.shard as shard_mod
+    import moeshard_cli.shard.command as shard_mod
 
     monkeypatch.setattr(shard_mod, "_allow_open_files", lambda world: None)  # as if the hard limit were low
     code, stdout, err = invoke(["shard", "--gpus", D_FF, "--out", tmp_path / "set"])

@@ -1,9 +1,8 @@
 """The DeepSpeed-MoE baseline: the real `deepspeed.moe.layer.MoE`, wrapped as a moeshard dispatch.
 
-A dispatch is a callable `(x_TD, expert_T) -> (y_TD, counts_GE)`: the unscaled expert output
-for this worker's own tokens in their original order, and the host int64 [G, E] table of
-tokens per (worker, expert). `ShardedSparseMLP` runs the router and scales by the router
-probability around it, so every system of the bench sees the same assignment.
+It follows the dispatch contract of moe/dispatch.py (`(x_TD, expert_T) -> (y_TD, counts_GE)`,
+token and drop counters, `reset()`): `ShardedSparseMLP` runs the router and scales by the
+router probability around it, so every system of the bench sees the same assignment.
 
 What is DeepSpeed's own here, and what is forced:
 - The layer is DeepSpeed's `MoE` (top-1 `TopKGate` + `MOELayer` + `Experts`), expert
@@ -61,6 +60,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moeshard_cli.moe.dispatch import Counted
 from moeshard_cli.moe.exchange import Collectives
 
 EXTENSIONS_DIR = Path.home() / ".cache" / "moeshard" / "torch_extensions"
@@ -167,12 +167,12 @@ class DenseActDense(nn.Module):
         return y
 
 
-class DeepSpeedDispatch:
+class DeepSpeedDispatch(Counted):
     """DeepSpeed-MoE (top-1, expert parallel over the EP group) with our assignment forced into its gate.
 
     Args:
         w_in_EDF, w_out_EFD: this worker's experts, [E_local, d_model, d_ff] and [E_local, d_ff,
-            d_model] (or [S, E_local, ...] column slices that add up). Used as views, never copied.
+            d_model] (or [G, E_local, ...]: the bench's G rank slices of each expert, which add up). Used as views, never copied.
         num_experts: E over all workers; must divide by the EP group's size.
         act: the activation module, e.g. `ACT2FN["relu"]`.
         drop_tokens, capacity_factor: DeepSpeed's; cf is both its train and eval factor.
@@ -182,8 +182,8 @@ class DeepSpeedDispatch:
 
     Attributes: `moe` (the DeepSpeed `MoE` module), `world`, `rank`, `num_experts`, `local`
     (experts per worker), `first_expert` (global id of local expert 0), `drop_tokens`,
-    `capacity_factor`, `tokens` and `dropped` (running totals of this worker's routed and dropped
-    tokens), `last_dropped_T` (bool mask of the last call's dropped tokens) and `capacity`
+    `capacity_factor`, `tokens` and `dropped` (this worker's routed and dropped tokens since
+    `reset()`), `last_dropped_T` (bool mask of the last call's dropped tokens) and `capacity`
     (per-expert capacity DeepSpeed used in the last call; it pads every expert to it).
     """
 
@@ -201,10 +201,10 @@ class DeepSpeedDispatch:
             raise ValueError(f"capacity factor {capacity_factor} must be positive")
         if w_in_EDF.dim() == 3:
             w_in_EDF, w_out_EFD = w_in_EDF[None], w_out_EFD[None]
-        S, L, D, F_ = w_in_EDF.shape
-        if L != num_experts // world or w_out_EFD.shape != (S, L, F_, D):
+        G, L, D, F_ = w_in_EDF.shape
+        if L != num_experts // world or w_out_EFD.shape != (G, L, F_, D):
             raise ValueError(f"expected this worker's {num_experts // world} experts as [E_local, d_model, d_ff] and "
-                             f"[E_local, d_ff, d_model] (or [S, E_local, ...] column slices), got {tuple(w_in_EDF.shape)} and "
+                             f"[E_local, d_ff, d_model] (or [G, E_local, ...] column slices), got {tuple(w_in_EDF.shape)} and "
                              f"{tuple(w_out_EFD.shape)}")
 
         self.world, self.rank = world, dist.get_rank(group)
@@ -212,7 +212,6 @@ class DeepSpeedDispatch:
         self.first_expert = self.rank * L
         self.drop_tokens, self.capacity_factor = bool(drop_tokens), float(capacity_factor)
         self.comm, self.group = comm, group
-        self.tokens = self.dropped = 0
         self.capacity: int | None = None
         self.last_dropped_T = torch.zeros(0, dtype=torch.bool)
         self._expert_T: torch.Tensor | None = None
@@ -222,7 +221,7 @@ class DeepSpeedDispatch:
         from deepspeed.moe.sharded_moe import top1gating
 
         with torch.device("meta"):  # placeholders only: the weights below are views, the gate's wg unused
-            moe = MoE(D, expert=DenseActDense(D, F_, act, slices=S), num_experts=num_experts, ep_size=world, k=1,
+            moe = MoE(D, expert=DenseActDense(D, F_, act, slices=G), num_experts=num_experts, ep_size=world, k=1,
                       capacity_factor=self.capacity_factor, eval_capacity_factor=self.capacity_factor,
                       min_capacity=0, drop_tokens=self.drop_tokens, use_rts=False)
         for j, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
@@ -266,10 +265,10 @@ class DeepSpeedDispatch:
 
     def _record_gate(self, out) -> None:
         """Kept tokens from the gate's output: a kept token has a non-zero combine weight."""
-        if len(out) == 4:  # (l_aux, combine_weights_SEC, dispatch_mask_SEC, exp_counts)
-            combine_SEC = out[1]
-            kept_T = combine_SEC.reshape(combine_SEC.shape[0], -1).ne(0).any(1)
-            self.capacity = int(combine_SEC.shape[-1])
+        if len(out) == 4:  # (l_aux, combine_weights_TEC, dispatch_mask_TEC, exp_counts)
+            combine_TEC = out[1]
+            kept_T = combine_TEC.reshape(combine_TEC.shape[0], -1).ne(0).any(1)
+            self.capacity = int(combine_TEC.shape[-1])
         else:  # sparse routes: (l_aux, capacity, E, indices_1S, locations_1S, gates_1S, exp_counts)
             kept_T = out[5].reshape(-1).ne(0)
             self.capacity = int(out[1])
@@ -300,13 +299,8 @@ class DeepSpeedDispatch:
                 y_TD, _, _ = self.moe(x_TD)
         finally:
             self._expert_T = None
-        self.tokens += T
-        self.dropped += int(self.last_dropped_T.sum())
+        self.count(T, int(self.last_dropped_T.sum()))
         return y_TD, counts_GE
-
-    @property
-    def dropped_fraction(self) -> float:
-        return self.dropped / self.tokens if self.tokens else 0.0
 
 
 __all__ = ["EXTENSIONS_DIR", "DeepSpeedDispatch", "DenseActDense", "deepspeed_capacity", "deepspeed_version",

@@ -10,15 +10,8 @@ from rich.console import Console
 from rich import box
 from rich.table import Table
 
-from moeshard_cli.manifest import write_json_atomic
-
-
-def quantile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+from moeshard_cli.files import write_atomic, write_json_atomic
+from moeshard_cli.ui import quantile
 
 
 def median(cell: dict) -> float | None:
@@ -112,7 +105,5 @@ def plot(path: Path, result: dict) -> None:
             ax.text(0.5, 0.5, "sweep has a single point on this axis", ha="center", transform=ax.transAxes)
     fig.suptitle(f"moeshard bench: {result['config']['workers']} workers on {result['config']['device']}")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    tmp.replace(path)

@@ -1,4 +1,4 @@
-"""The systems under test, each a dispatch for the same `ShardedSparseMLP` shell.
+"""The systems under test, each a dispatch (moe/dispatch.py) for the same `ShardedSparseMLP` shell.
 
 Router, attention, data and threads are shared; only the way tokens reach the experts
 and come back differs. A system that cannot run a configuration is a `Skip` with the reason.
@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersExperts
 
 from moeshard_cli.bench.weights import SharedExperts
-from moeshard_cli.moe.dispatch import ExpertParallelDispatch, ShardedDispatch
+from moeshard_cli.moe.dispatch import Counted, ExpertParallelDispatch, ShardedDispatch
 from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.experts import GroupedExperts
+from moeshard_cli.switch import transformers_experts
 
 SYSTEMS = ("moeshard", "deepspeed", "deepspeed-dropless", "ep", "hf")
 DEFAULT_SYSTEMS = "moeshard,deepspeed,ep"
@@ -32,23 +32,38 @@ def paper_capacity_factor(num_experts: int) -> float:
     return float(min(num_experts, 50))
 
 
-class TransformersExpertsDispatch:
+class SlicedExperts(nn.Module):
+    """Whole experts held as the G rank slices of the bench's shared [G, E, D, F] layout: the
+    slices' outputs add up to the experts' (the sharding rule, switch.py), so expert-parallel
+    systems read the same bytes as MoEShard without a second copy of the weights."""
+
+    def __init__(self, w_in_GEDF: torch.Tensor, w_out_GEFD: torch.Tensor, act: nn.Module, backend: str):
+        super().__init__()
+        self.slices = nn.ModuleList(GroupedExperts(w_in, w_out, act, backend) for w_in, w_out in zip(w_in_GEDF, w_out_GEFD))
+
+    @property
+    def num_experts(self) -> int:
+        return self.slices[0].num_experts
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        out_ND = self.slices[0](x_ND, counts_E)
+        for part in self.slices[1:]:
+            out_ND += part(x_ND, counts_E)
+        return out_ND
+
+
+class TransformersExpertsDispatch(Counted):
     """transformers' own `SwitchTransformersExperts` on this worker's tokens, with a full copy
     of every expert and no communication: plain data parallelism, dropless."""
 
     def __init__(self, config, shared: SharedExperts, layer: int):
-        with torch.device("meta"):
-            self.experts = SwitchTransformersExperts(config).eval()
-        for e in range(config.num_experts):
-            wi, wo = shared.full_expert(layer, e)
-            module = self.experts[f"expert_{e}"]
-            module.wi.weight = nn.Parameter(wi, requires_grad=False)
-            module.wo.weight = nn.Parameter(wo, requires_grad=False)
+        self.experts = transformers_experts(config, [shared.full_expert(layer, e) for e in range(config.num_experts)])
         self.num_experts = config.num_experts
 
     def __call__(self, x_TD: torch.Tensor, expert_T: torch.Tensor):
         one_hot_T1E = F.one_hot(expert_T, self.num_experts)[:, None, :]
         y_TD = self.experts(x_TD, one_hot_T1E, x_TD.new_ones(x_TD.shape[0], 1))
+        self.count(x_TD.shape[0])
         return y_TD, torch.bincount(expert_T, minlength=self.num_experts)[None].cpu()
 
 
@@ -67,7 +82,7 @@ def build_dispatch(name: str, layer: int, config, shared: SharedExperts, comm: C
     local = slice(r * E // G, (r + 1) * E // G)
     w_in_GLDF, w_out_GLFD = shared.w_in_GEDF[layer][:, local], shared.w_out_GEFD[layer][:, local]
     if name == "ep":
-        return ExpertParallelDispatch(GroupedExperts(w_in_GLDF, w_out_GLFD, act, backend), E, comm, timer)
+        return ExpertParallelDispatch(SlicedExperts(w_in_GLDF, w_out_GLFD, act, backend), E, comm, timer)
     from moeshard_cli.bench.deepspeed_moe import DeepSpeedDispatch
 
     dropless = name == "deepspeed-dropless"

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from moeshard_cli.checkpoint import Source
+from moeshard_cli.shard.sources import Source
 from moeshard_cli.moe.experts import padded_width
-from moeshard_cli.plan import EXPERT_KEY
+from moeshard_cli.switch import expert_key, expert_layers as _expert_layers, join_expert, slice_expert
 
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 
 
 def expert_layers(source: Source) -> list[int]:
-    return sorted({int(EXPERT_KEY.match(e.name).group(1)) for e in source.tensors if EXPERT_KEY.match(e.name)})
+    return _expert_layers(e.name for e in source.tensors)
 
 
 class SharedExperts:
@@ -59,17 +59,16 @@ class SharedExperts:
         entries = {e.name: e for e in source.tensors}
         for layer in self.layers:
             for e in range(rank, self.w_in_GEDF[layer].shape[1], world):
-                prefix = f"encoder.block.{layer}.layer.1.mlp.experts.expert_{e}"
-                wi_FD = entries[f"{prefix}.wi.weight"].load()
-                wo_DF = entries[f"{prefix}.wo.weight"].load()
+                wi_FD = entries[expert_key(layer, e, "wi")].load()
+                wo_DF = entries[expert_key(layer, e, "wo")].load()
                 for g, (lo, hi) in enumerate(self.bounds):
-                    self.w_in_GEDF[layer][g, e, :, : hi - lo] = wi_FD[lo:hi].T
-                    self.w_out_GEFD[layer][g, e, : hi - lo, :] = wo_DF[:, lo:hi].T
+                    self.w_in_GEDF[layer][g, e, :, : hi - lo] = slice_expert("wi", wi_FD, lo, hi).T
+                    self.w_out_GEFD[layer][g, e, : hi - lo, :] = slice_expert("wo", wo_DF, lo, hi).T
 
     def full_expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(wi [F, D], wo [D, F]) in transformers' layout, concatenated from the slices (a copy)."""
-        wi = torch.cat([self.w_in_GEDF[layer][g, e, :, : hi - lo].T for g, (lo, hi) in enumerate(self.bounds)])
-        wo = torch.cat([self.w_out_GEFD[layer][g, e, : hi - lo, :].T for g, (lo, hi) in enumerate(self.bounds)], dim=1)
+        wi = join_expert("wi", [self.w_in_GEDF[layer][g, e, :, : hi - lo].T for g, (lo, hi) in enumerate(self.bounds)])
+        wo = join_expert("wo", [self.w_out_GEFD[layer][g, e, : hi - lo, :].T for g, (lo, hi) in enumerate(self.bounds)])
         return wi, wo
 
 

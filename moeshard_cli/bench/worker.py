@@ -18,15 +18,16 @@ from transformers.activations import ACT2FN
 
 from moeshard_cli.bench.systems import Skip, build_dispatch
 from moeshard_cli.bench.weights import SharedExperts, available_memory, expert_layers, shm_path
-from moeshard_cli.checkpoint import resolve
+from moeshard_cli.shard.sources import resolve
 from moeshard_cli.launch import worker_process_group
-from moeshard_cli.model import assign_weights, install_moe, meta_encoder
+from moeshard_cli.model import build_shell
 from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.experts import resolve_backend
 from moeshard_cli.moe.layer import ShardedSparseMLP, TokenContext, token_ids_for
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.moe.timing import SectionTimer
-from moeshard_cli.plan import EXPERT_KEY, slice_bounds
+from moeshard_cli.shard.plan import slice_bounds
+from moeshard_cli.switch import parse_expert_key, sparse_ff
 
 
 @dataclass
@@ -70,7 +71,7 @@ class LayerClock:
         self.times: dict[int, float] = {}
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for i in layers:
-            ff = model.encoder.block[i].layer[-1]
+            ff = sparse_ff(model, i)
             ff.register_forward_pre_hook(lambda m, a, i=i: self._start(i))
             ff.register_forward_hook(lambda m, a, o, i=i: self._stop(i))
         self._t0 = {}
@@ -107,11 +108,12 @@ class _Progress:
     """Rank 0's progress over (configuration, system) cells."""
 
     def __init__(self, job: BenchJob):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+        from moeshard_cli.ui import progress_bar
 
         total = len(job.models) * len(job.batch_sizes) * len(job.skews) * len(job.systems)
-        self.bar = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                            TimeElapsedColumn(), transient=True)
+        self.bar = progress_bar("bench", MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
         self.task = self.bar.add_task("", total=total)
         self.bar.start()
 
@@ -146,16 +148,13 @@ def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, 
 
     timer = SectionTimer(device, enabled=False)
     comm, ctx = Collectives(timer=timer), TokenContext()
-    model = meta_encoder(config)
-    mlps = {}  # block index -> its ShardedSparseMLP
+    mlps = {}  # block index -> its ShardedSparseMLP; each system only swaps their dispatch
 
     def make(i):
         mlps[i] = ShardedSparseMLP(D, E, config.router_bias, None, RouterSpec(), ctx, i)
         return mlps[i]
 
-    install_moe(model, make)
-    assign_weights(model, {e.name: e.load() for e in source.tensors if not EXPERT_KEY.match(e.name)})
-    model.to(device)
+    model, _ = build_shell(config, {e.name: e.load() for e in source.tensors if not parse_expert_key(e.name)}, make, device)
     clock = LayerClock(model, layers, device) if job.per_layer else None
     backend = resolve_backend(job.backend, device, D, torch.float32)
     act = ACT2FN[config.dense_act_fn]
@@ -199,7 +198,7 @@ def _forward(model, ids, mask, device):
 def _use(mlps, dispatches):
     for i, mlp in mlps.items():
         mlp.dispatch = dispatches[i]
-        mlp.load.tokens_E = mlp.load.tokens_G = None
+        mlp.load.reset()
 
 
 @torch.inference_mode()
@@ -214,8 +213,7 @@ def _bench_cell(job, model, mlps, systems, clock, ids, mask, config: dict, rank:
             progress.show(f"E={config['experts']} batch {config['batch_size']} skew {config['skew']:g}: {name}")
         _use(mlps, systems[name])
         for d in systems[name].values():
-            if hasattr(d, "reset_counters"):
-                d.reset_counters()
+            d.reset()  # a cell's dropped tokens are its own, whatever ran before it
         t0 = time.perf_counter()
         outputs[name] = _forward(model, ids, mask, device).float().cpu()
         first = _max_all([time.perf_counter() - t0])[0]
@@ -246,8 +244,7 @@ def _bench_cell(job, model, mlps, systems, clock, ids, mask, config: dict, rank:
     for name in runnable:
         row = rows[name]
         row["max_abs_diff_vs_moeshard"] = _max_all([(outputs[name] - ref).abs().max().item()])[0] if ref is not None else None
-        dropped, routed = _sum_all([sum(getattr(d, "dropped", 0) for d in systems[name].values()),
-                                    sum(getattr(d, "tokens", 0) for d in systems[name].values())])
+        dropped, routed = _sum_all([sum(d.dropped for d in systems[name].values()), sum(d.tokens for d in systems[name].values())])
         row["dropped_pct"] = 100.0 * dropped / routed if routed else 0.0
     return [rows[n] for n in systems] if rank == 0 else []
 

@@ -42,9 +42,14 @@ def megablocks_available() -> bool:
     return gg.grouped_gemm_is_available() and torch.cuda.is_available()
 
 
-def resolve_backend(name: str, device: torch.device, d_model: int, dtype: torch.dtype) -> str:
+def check_backend(name: str) -> None:
     if name not in BACKENDS:
-        raise UserError(f"--expert-backend {name} is unknown", f"use one of {', '.join(BACKENDS)}")
+        raise ValueError(f"{name} is unknown")
+
+
+def resolve_backend(name: str, device: torch.device, d_model: int, dtype: torch.dtype) -> str:
+    """The backend `name` stands for on this device and model; UserError where it cannot run here."""
+    check_backend(name)
     if name == "megablocks" and not (device.type == "cuda" and megablocks_available()):
         raise UserError("--expert-backend megablocks needs CUDA and an importable megablocks", "install moeshard[megablocks] on a CUDA machine, or use --expert-backend grouped_mm")
     aligned = (d_model * dtype.itemsize) % 16 == 0
@@ -58,33 +63,27 @@ def resolve_backend(name: str, device: torch.device, d_model: int, dtype: torch.
 class GroupedExperts(nn.Module):
     """Applies expert e's weights to the rows [offs[e-1], offs[e]) of an expert-major input.
 
-    Weights are `w_in_SEDF` [S, E, d_model, F] and `w_out_SEFD` [S, E, F, d_model]: each expert
-    may be held as S column slices whose outputs add up (S = 1 for a MoEShard rank; the
-    bench's expert-parallel baselines hold all S slices of their own experts).
+    Weights are `w_in_EDF` [E, d_model, F] and `w_out_EFD` [E, F, d_model]: a MoEShard rank's
+    slice of every expert, or whole experts.
     """
 
-    def __init__(self, w_in_SEDF: torch.Tensor, w_out_SEFD: torch.Tensor, act: nn.Module, backend: str):
+    def __init__(self, w_in_EDF: torch.Tensor, w_out_EFD: torch.Tensor, act: nn.Module, backend: str):
         super().__init__()
-        if w_in_SEDF.dim() == 3:
-            w_in_SEDF, w_out_SEFD = w_in_SEDF[None], w_out_SEFD[None]
-        self.register_buffer("w_in_SEDF", w_in_SEDF, persistent=False)
-        self.register_buffer("w_out_SEFD", w_out_SEFD, persistent=False)
+        self.register_buffer("w_in_EDF", w_in_EDF, persistent=False)
+        self.register_buffer("w_out_EFD", w_out_EFD, persistent=False)
         self.act = act
         self.backend = backend
 
     @property
     def num_experts(self) -> int:
-        return self.w_in_SEDF.shape[1]
+        return self.w_in_EDF.shape[0]
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND grouped by expert, counts_E a host int64 tensor of rows per expert."""
         compute = {"loop": self._loop, "megablocks": self._megablocks, "grouped_mm": self._grouped_mm}[self.backend]
         if counts_E.device.type != "cpu":
             counts_E = counts_E.cpu()
-        out_ND = compute(x_ND, counts_E, self.w_in_SEDF[0], self.w_out_SEFD[0])
-        for w_in_EDF, w_out_EFD in zip(self.w_in_SEDF[1:], self.w_out_SEFD[1:]):
-            out_ND += compute(x_ND, counts_E, w_in_EDF, w_out_EFD)
-        return out_ND
+        return compute(x_ND, counts_E, self.w_in_EDF, self.w_out_EFD)
 
     def _grouped_mm(self, x_ND, counts_E, w_in_EDF, w_out_EFD):
         offs_E = torch.cumsum(counts_E, 0).to(device=x_ND.device, dtype=torch.int32, non_blocking=True)

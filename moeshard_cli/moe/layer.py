@@ -47,6 +47,9 @@ class LayerLoad:
     tokens_E: torch.Tensor | None = None
     tokens_G: torch.Tensor | None = None
 
+    def reset(self) -> None:
+        self.tokens_E = self.tokens_G = None
+
     def add(self, counts_GE: torch.Tensor) -> None:
         counts_GE = counts_GE.to(torch.long)
         if self.tokens_E is None:

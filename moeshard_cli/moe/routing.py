@@ -9,13 +9,30 @@ a token does not depend on batching, padding or the number of workers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from moeshard_cli.errors import UserError
-
 _M32 = 0xFFFFFFFF
+ROUTERS = ("model", "skewed")
+
+
+def check_router(kind: str) -> None:
+    if kind not in ROUTERS:
+        raise ValueError(f"{kind} is unknown")
+
+
+def check_skew(skew: float) -> None:
+    if not math.isfinite(skew):
+        raise ValueError(f"{skew} is not a finite number")
+    if skew < 0:
+        raise ValueError(f"{skew} is negative")
+
+
+def check_hot_experts(hot: float) -> None:
+    if not 0 < hot <= 1:  # nan fails too
+        raise ValueError(f"{hot} is outside (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -26,12 +43,9 @@ class RouterSpec:
     seed: int = 0
 
     def __post_init__(self):
-        if self.kind not in ("model", "skewed"):
-            raise UserError(f"--router {self.kind} is unknown", "use --router model or --router skewed")
-        if self.skew < 0:
-            raise UserError(f"--skew {self.skew} is negative", "pass a skew of 0 (uniform) or more")
-        if not 0 < self.hot_experts <= 1:
-            raise UserError(f"--hot-experts {self.hot_experts} is outside (0, 1]", "pass the fraction of experts that get extra load, e.g. 0.1")
+        check_router(self.kind)
+        check_skew(self.skew)
+        check_hot_experts(self.hot_experts)
 
 
 def skewed_probabilities(num_experts: int, skew: float, hot_fraction: float) -> torch.Tensor:

@@ -19,14 +19,17 @@ from pathlib import Path
 
 from moeshard_cli import __version__
 from moeshard_cli.errors import Interrupted, UserError
-from moeshard_cli.launch import launch, pick_device
-from moeshard_cli.manifest import MANIFEST, ShardSet, check_files, default_shard_set, read_shard_set
+from moeshard_cli.launch import check_device, launch, pick_device
+from moeshard_cli.moe.experts import BACKENDS, check_backend
+from moeshard_cli.options import at_least, check_router_flags, endpoint, flag, positive
+from moeshard_cli.shard.manifest import MANIFEST, ShardSet, check_files, default_shard_set, read_shard_set
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.run import outputs
 from moeshard_cli.run.feed import Position
 from moeshard_cli.run.inputs import InputInfo, scan_input
 from moeshard_cli.run.job import RunJob, worker_main
 from moeshard_cli.run.schedule import round_window
+from moeshard_cli.ui import quantile
 
 POOLINGS = ("mean", "none")
 
@@ -43,7 +46,10 @@ class RunOptions:
     normalize: bool = False
     device: str = "auto"
     backend: str = "auto"
-    router: RouterSpec = field(default_factory=RouterSpec)
+    router: str = "model"
+    skew: float = 0.0
+    hot_experts: float = 0.1
+    seed: int = 0
     timeout: float = 300.0
     verify: bool = True
     resume: bool = False
@@ -57,24 +63,31 @@ class RunOptions:
     argv: list[str] = field(default_factory=lambda: sys.argv[1:])
 
     def validate(self) -> None:
+        """Every option, before any work; raises the one-line UserError that names the flag."""
         if self.pooling not in POOLINGS:
             raise UserError(f"--pooling {self.pooling} is unknown", "use --pooling mean or --pooling none")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size {self.batch_size} must be at least 1", "pass a positive batch size")
-        if self.max_length < 2:
-            raise UserError(f"--max-length {self.max_length} is too small", "pass at least 2 (room for one token and the end-of-sequence token)")
-        if self.window < 1:
-            raise UserError(f"--window {self.window} must be at least 1", "pass the number of lines sorted together, e.g. --window 8192")
-        if not self.timeout > 0:
-            raise UserError(f"--timeout {self.timeout} must be positive", "pass the collective timeout in seconds, e.g. --timeout 300")
-        if self.nnodes < 1:
-            raise UserError(f"--nnodes {self.nnodes} must be at least 1", "pass the number of machines taking part")
+        at_least("--batch-size", self.batch_size, 1, "32")
+        at_least("--max-length", self.max_length, 2, "512 (room for one token and the end-of-sequence token)")
+        at_least("--window", self.window, 1, "8192")
+        positive("--timeout", self.timeout, "300")
+        check_router_flags(self.router, [self.skew], self.hot_experts)
+        with flag("--device", "use auto, cpu or cuda"):
+            check_device(self.device)
+        with flag("--expert-backend", f"use one of {', '.join(BACKENDS)}"):
+            check_backend(self.backend)
+        at_least("--nnodes", self.nnodes, 1, "2")
         if not 0 <= self.node_rank < self.nnodes:
             raise UserError(f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1}", "number the nodes 0 to --nnodes - 1, with 0 on the node at --rdzv-endpoint")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT", "give every node the address of node 0, e.g. --rdzv-endpoint node0:29400")
+        if self.rdzv_endpoint:
+            endpoint(self.rdzv_endpoint)
         if self.resume and self.restart:
             raise UserError("--resume and --restart exclude each other", "pass --resume to continue the unfinished run, --restart to discard it")
+
+    @property
+    def router_spec(self) -> RouterSpec:
+        return RouterSpec(self.router, self.skew, self.hot_experts, self.seed)
 
 
 @dataclass
@@ -119,15 +132,6 @@ class RunSummary:
         }
 
 
-def quantile(xs: list[float], q: float) -> float:
-    """Linear interpolation between the closest ranks (numpy's default)."""
-    s = sorted(xs)
-    pos = q * (len(s) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def default_output(input_path: Path) -> Path:
     return input_path.with_name(input_path.name + ".moeshard.safetensors")
 
@@ -158,7 +162,7 @@ def run(opts: RunOptions) -> RunSummary:
     with _claimed_output(opts, output, fmt, info, shards, metadata, fingerprint, digest) if writer_node else _nothing() as state:
         job = RunJob(shards=str(shards_dir), input=str(opts.input), lines=info.lines, window=window, batch_size=opts.batch_size,
                      max_length=opts.max_length, pooling=opts.pooling, normalize=opts.normalize, device=device, backend=opts.backend,
-                     router=opts.router, timeout=opts.timeout, fingerprint=digest,
+                     router=opts.router_spec, timeout=opts.timeout, fingerprint=digest,
                      start=state.position if state else Position(), lines_done=state.lines_done if state else 0,
                      layout=state.layout if state else None, journal=str(outputs.journal_path(output)) if state else None,
                      show_progress=opts.show_progress)
@@ -166,7 +170,7 @@ def run(opts: RunOptions) -> RunSummary:
             print(f"node {opts.node_rank} of {opts.nnodes}: waiting up to {opts.timeout:g} s for the other nodes at {opts.rdzv_endpoint}",
                   file=sys.stderr, flush=True)
         try:
-            returned = launch(worker_main, job, world, opts.nnodes, opts.node_rank, opts.rdzv_endpoint, opts.debug, join_timeout=opts.timeout)
+            returned = launch(worker_main, job, world, opts.nnodes, opts.node_rank, opts.rdzv_endpoint, opts.debug, timeout=opts.timeout)
         except (UserError, Interrupted) as exc:
             raise _with_resume_hint(exc, output, info) if writer_node else exc
         result = returned.get(0)
@@ -273,7 +277,7 @@ def _fingerprint(opts: RunOptions, info: InputInfo, shards: ShardSet, device: st
         "input": {"sha256": info.sha256, "bytes": info.bytes, "lines": info.lines},
         "shards": {"manifest_sha256": _sha256(shards.root / MANIFEST), "world_size": shards.world_size},
         "options": {"pooling": opts.pooling, "normalize": opts.normalize, "max_length": opts.max_length,
-                    "batch_size": opts.batch_size, "window": window, "router": asdict(opts.router),
+                    "batch_size": opts.batch_size, "window": window, "router": asdict(opts.router_spec),
                     "device": device, "expert_backend": opts.backend, "format": fmt},
     }
 
@@ -283,7 +287,7 @@ def _metadata(opts: RunOptions, info: InputInfo, shards: ShardSet, digest: str) 
     return {
         "format": "pt", "source": shards.source_label, "source_kind": str(source.get("kind")),
         "source_revision": str(source.get("revision")), "shards": str(shards.root), "world_size": str(shards.world_size),
-        "dtype": shards.dtype, "pooling": opts.pooling, "normalize": str(opts.normalize).lower(), "router": opts.router.kind,
+        "dtype": shards.dtype, "pooling": opts.pooling, "normalize": str(opts.normalize).lower(), "router": opts.router,
         "max_length": str(opts.max_length), "input": str(info.path), "input_sha256": info.sha256, "lines": str(info.lines),
         "moeshard_version": __version__, "run_fingerprint": digest,
     }

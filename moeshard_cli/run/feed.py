@@ -10,6 +10,7 @@ a gloo group of their own: this thread never shares a group with the encode loop
 from __future__ import annotations
 
 import queue
+from array import array
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moeshard_cli.moe.exchange import all_gather_single
-from moeshard_cli.plan import even_bounds
+from moeshard_cli.shard.plan import even_bounds
 from moeshard_cli.run.inputs import read_windows, tokenize
 from moeshard_cli.run.schedule import plan_window
 
@@ -44,7 +45,7 @@ class PlannedWindow:
     lengths: list[int]  # tokens of every line of the window
     truncated: int  # lines of the window cut to --max-length
     steps: list[list[list[int]]]  # steps[s][rank]: window-local line indices
-    ids: dict[int, torch.Tensor] = field(repr=False, default_factory=dict)  # this rank's lines only
+    ids: dict[int, torch.Tensor] = field(repr=False, default_factory=dict)  # this rank's lines only (int32)
 
     @property
     def tokens(self) -> int:
@@ -52,12 +53,19 @@ class PlannedWindow:
 
 
 class WindowFeed:
-    """Iterate over PlannedWindows from `start`; a thread prepares the next while one is encoded."""
+    """Iterate over PlannedWindows from `start`; a thread prepares the next while one is encoded.
+
+    The next window is prepared once the encode loop asks for it (`want`), a quarter into the
+    current one: not at its start, where the longest lines of the sorted window make the
+    largest activations, so the two peaks never meet.
+    """
 
     def __init__(self, path: Path, tokenizer, max_length: int, window: int, batch_size: int, start: Position,
-                 rank: int, world: int, group, depth: int = 1):
+                 rank: int, world: int, group):
         self._args = (path, tokenizer, max_length, window, batch_size, start, rank, world, group)
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._wanted = start.line // window  # the highest window index asked for
+        self._asked = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="moeshard-feed", daemon=True)
         self._thread.start()
@@ -71,8 +79,17 @@ class WindowFeed:
                 raise item
             yield item
 
+    def want(self, index: int) -> None:
+        """Ask for window `index` to be prepared."""
+        with self._asked:
+            if index > self._wanted:
+                self._wanted = index
+                self._asked.notify()
+
     def close(self) -> None:
         self._stop.set()
+        with self._asked:
+            self._asked.notify()
         while self._thread.is_alive():  # unblock a producer waiting on a full queue
             try:
                 self._queue.get(timeout=0.1)
@@ -82,15 +99,21 @@ class WindowFeed:
     def _produce(self) -> None:
         path, tokenizer, max_length, window, batch_size, start, rank, world, group = self._args
         try:
-            token_base = start.token
-            for w in read_windows(path, window, start.line, start.byte):
+            token_base, index = start.token, start.line // window
+            windows = read_windows(path, window, start.line, start.byte)
+            while self._wait_for(index) and (w := next(windows, None)) is not None:
                 planned = plan(w, tokenizer, max_length, batch_size, rank, world, group, token_base)
-                token_base += planned.tokens
+                token_base, index = token_base + planned.tokens, index + 1
                 if not self._put(planned):
                     return
             self._put(None)
         except BaseException as exc:  # handed to the encode loop, which raises it
             self._put(exc)
+
+    def _wait_for(self, index: int) -> bool:
+        with self._asked:
+            self._asked.wait_for(lambda: self._wanted >= index or self._stop.is_set())
+        return not self._stop.is_set()
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -110,7 +133,7 @@ def plan(w, tokenizer, max_length: int, batch_size: int, rank: int, world: int, 
     if world == 1:
         lengths = [len(r) for r in ids]
         steps = plan_window(lengths, batch_size, world)
-        mine = {i: torch.tensor(r, dtype=torch.int64) for i, r in enumerate(ids)}
+        mine = {i: torch.tensor(r, dtype=torch.int32) for i, r in enumerate(ids)}
         return PlannedWindow(w.index, w.first_line, w.byte_start, w.byte_end, token_base, lengths, truncated, steps, mine)
     lengths, truncated = _all_lengths([len(r) for r in ids], truncated, bounds, group)
     steps = plan_window(lengths, batch_size, world)
@@ -140,14 +163,17 @@ def _swap_ids(own_ids: list[list[int]], lengths: list[int], steps, bounds, rank:
                 owner[i] = g
     lo = bounds[rank][0]
     send_lines = [[lo + j for j in range(len(own_ids)) if owner[lo + j] == q] for q in range(world)]
-    send = [tok for dest in send_lines for i in dest for tok in own_ids[i - lo]]
+    send = array("i")  # 4 bytes a token, not a list of Python ints
+    for i in (i for dest in send_lines for i in dest):
+        send.extend(own_ids[i - lo])
     recv_lines = [[i for i in range(a, b) if owner[i] == rank] for a, b in bounds]
     send_splits = [sum(lengths[i] for i in dest) for dest in send_lines]
     recv_splits = [sum(lengths[i] for i in src) for src in recv_lines]
     out = torch.empty(sum(recv_splits), dtype=torch.int32)
-    dist.all_to_all_single(out, torch.tensor(send, dtype=torch.int32), recv_splits, send_splits, group=group)
+    dist.all_to_all_single(out, torch.frombuffer(send, dtype=torch.int32) if send else torch.empty(0, dtype=torch.int32),
+                           recv_splits, send_splits, group=group)
     mine, at = {}, 0
     for i in (i for src in recv_lines for i in src):
-        mine[i] = out[at:at + lengths[i]].long()
+        mine[i] = out[at:at + lengths[i]]  # a view: the window's ids stay one buffer
         at += lengths[i]
     return mine

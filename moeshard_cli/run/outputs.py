@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from moeshard_cli.errors import UserError
+from moeshard_cli.files import check_writable, publish, write_atomic
 from moeshard_cli.run.feed import Position
 
 FORMATS = {".safetensors": "safetensors", ".npy": "npy"}
@@ -49,22 +50,6 @@ def partial_path(output: Path) -> Path:
 
 def journal_path(output: Path) -> Path:
     return output.with_name(f".{output.name}.journal")
-
-
-def check_writable(path: Path, flag: str = "--output") -> None:
-    """Fail before any work if the file `flag` names cannot be created."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise UserError(f"{flag} {path} is a directory", "pass a file path")
-    if not parent.is_dir():
-        what = "is not a directory" if parent.exists() else "does not exist"
-        raise UserError(f"cannot write {flag} {path}: {parent} {what}", f"create the directory or choose another {flag}")
-    probe = parent / f".{path.name}.probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"cannot write {flag} {path} ({exc.strerror})", f"choose a writable location for {flag}") from exc
 
 
 def guard_user_files(outputs: dict[str, Path | None], input_path: Path, shards_root: Path) -> None:
@@ -183,22 +168,8 @@ def finalize(layout: OutputLayout, tokens: int, output: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.replace(layout.path, output)
-    _fsync_dir(output.parent)
+    publish(Path(layout.path), output)
     journal_path(output).unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def discard(output: Path) -> None:
@@ -222,9 +193,7 @@ class JournalState:
 
 
 def write_journal_header(path: Path, header: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(header) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(header) + "\n"))
 
 
 def read_journal(path: Path) -> JournalState:

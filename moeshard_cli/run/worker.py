@@ -20,9 +20,10 @@ from torch.nn.utils.rnn import pad_sequence
 
 from moeshard_cli.errors import UserError
 from moeshard_cli.launch import worker_process_group
-from moeshard_cli.manifest import read_shard_set
+from moeshard_cli.shard.manifest import read_shard_set
 from moeshard_cli.dtypes import DTYPES
-from moeshard_cli.model import build_sharded_encoder, switch_config
+from moeshard_cli.model import build_sharded_encoder
+from moeshard_cli.switch import switch_config
 from moeshard_cli.moe.dispatch import ShardedDispatch
 from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.experts import GroupedExperts, resolve_backend
@@ -107,6 +108,8 @@ class _Encoder:
                     writer.window(_window_record(pw), _line_offsets(pw) if job.pooling == "none" else None)
                 prefix = np.concatenate([[0], np.cumsum(pw.lengths)]).astype(np.int64)
                 for s in range(first, len(pw.steps)):
+                    if s >= len(pw.steps) // 4:
+                        feed.want(pw.index + 1)
                     step = pw.steps[s]
                     tokens_G = step_tokens(step, pw.lengths)
                     t0 = time.perf_counter()
@@ -134,7 +137,7 @@ class _Encoder:
         if mine:
             rows = [pw.ids[i] for i in mine]
             lengths = torch.tensor([len(r) for r in rows])
-            ids = pad_sequence(rows, batch_first=True, padding_value=self.pad_id)
+            ids = pad_sequence(rows, batch_first=True, padding_value=self.pad_id).long()
             if ids.shape[1] == 0:  # every line empty, and a tokenizer without end-of-sequence token
                 ids = torch.full((len(rows), 1), self.pad_id)
             mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
@@ -236,10 +239,11 @@ class _Progress:
     """Rank 0's bar: lines written of the whole input (a resumed run starts where it stopped)."""
 
     def __init__(self, total: int, done: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(TextColumn("[bold]encoding"), BarColumn(), MofNCompleteColumn(), TextColumn("lines"),
-                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=True)
+        from moeshard_cli.ui import progress_bar
+
+        self.bar = progress_bar("encoding", MofNCompleteColumn(), TextColumn("lines"), TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
         self.task = self.bar.add_task("encoding", total=total, completed=done, rate="")
         self.tokens, self.t0 = 0, time.perf_counter()
         self.bar.start()

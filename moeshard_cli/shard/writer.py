@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moeshard_cli.dtypes import SAFETENSORS_CODES
+from moeshard_cli.files import publish, temporary_sibling
 
 WRITE_CHUNK = 1 << 17
 
@@ -24,7 +25,7 @@ class StreamingSafetensorsWriter:
     """Writes `layout` (name -> (shape, dtype)) in order to `tmp_path`; `commit()` renames it to `path`."""
 
     def __init__(self, path: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str]):
-        self.path, self.tmp_path = path, path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.path, self.tmp_path = path, temporary_sibling(path)
         header: dict = {"__metadata__": metadata}
         offset = 0
         self._expected = []
@@ -84,7 +85,7 @@ class StreamingSafetensorsWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.tmp_path, self.path)
+        publish(self.tmp_path, self.path)
         return self._hash.hexdigest()
 
     def abort(self) -> None:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moeshard_cli.switch import parse_expert_key
+
 if TYPE_CHECKING:
     from transformers import SwitchTransformersConfig
 
@@ -56,7 +58,7 @@ def init_std(name: str, config: SwitchTransformersConfig) -> float | None:
         return None
     if name.endswith("router.classifier.weight") or name == "shared.weight":
         return 1.0
-    if ".experts." in name:
+    if parse_expert_key(name):
         return d**-0.5
     if name.endswith("mlp.wo.weight"):
         return config.d_ff**-0.5

@@ -1,48 +1,9 @@
-"""Rich output: progress bars and summary tables. No computation lives here."""
+"""The summary `moeshard run` prints."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-@contextmanager
-def byte_progress(console: Console, label: str):
-    """Yields `start(total) -> advance(n)`: a byte progress bar that appears once the total is known."""
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
-        def start(total: int):
-            task = bar.add_task(label, total=total)
-            return lambda n: bar.advance(task, n)
-
-        yield start
-
-
-def print_shard_summary(console: Console, result) -> None:
-    cfg = result.source.config
-    table = Table(title=f"shard set {result.out}", title_justify="left")
-    for col in ("rank", "file", "size", "d_ff slice", "width"):
-        table.add_column(col, justify="right" if col not in ("file",) else "left")
-    for f, (lo, hi) in zip(result.files, result.bounds):
-        table.add_row(str(f["rank"]), f["name"], human_bytes(f["bytes"]), f"[{lo}, {hi})", str(hi - lo))
-    console.print(table)
-    rate = result.bytes_written / max(result.seconds, 1e-9)
-    console.print(
-        f"source [bold]{result.source.label}[/] ({result.source.kind}), {len(result.sparse_layers)} MoE layers x "
-        f"{cfg.num_experts} experts per layer, d_model {cfg.d_model}, d_ff {cfg.d_ff}, dtype {result.dtype}\n"
-        f"wrote {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s) to [bold]{result.out}[/]"
-    )
 
 
 def print_run_summary(console: Console, summary) -> None:

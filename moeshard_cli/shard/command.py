@@ -18,12 +18,15 @@ from pathlib import Path
 import torch
 
 from moeshard_cli import __version__
-from moeshard_cli.checkpoint import TOKENIZER_FILES, Source, resolve
+from moeshard_cli.shard.sources import TOKENIZER_FILES, Source, resolve
 from moeshard_cli.errors import UserError
 from moeshard_cli.dtypes import DTYPES
-from moeshard_cli.manifest import DEFAULT_ROOT, FORMAT_VERSION, MANIFEST, write_json_atomic
-from moeshard_cli.plan import classify, rank_file_name, slice_bounds, slice_expert, sliced_shape
-from moeshard_cli.stwriter import StreamingSafetensorsWriter
+from moeshard_cli.files import is_temporary, write_json_atomic
+from moeshard_cli.shard.manifest import DEFAULT_ROOT, FORMAT_VERSION, MANIFEST
+from moeshard_cli.options import flag
+from moeshard_cli.shard.plan import check_world, classify, rank_file_name, slice_bounds
+from moeshard_cli.switch import expert_layers, slice_expert, sliced_shape
+from moeshard_cli.shard.writer import StreamingSafetensorsWriter
 
 OWN_FILES = {MANIFEST, "config.json", *TOKENIZER_FILES}
 
@@ -47,7 +50,7 @@ def default_out(source: str, world: int) -> Path:
 
 
 def _is_own_artifact(name: str) -> bool:
-    return name in OWN_FILES or (name.startswith("rank-") and name.endswith(".safetensors")) or ".tmp-" in name
+    return name in OWN_FILES or (name.startswith("rank-") and name.endswith(".safetensors")) or is_temporary(name)
 
 
 def prepare_out(out: Path, force: bool) -> None:
@@ -132,17 +135,36 @@ def stream(source: Source, writers: list[StreamingSafetensorsWriter], bounds, dt
         torch.set_num_threads(torch_threads)
 
 
-def shard(source_arg: str, world: int, out: Path | None, dtype_name: str, revision: str | None, force: bool, progress=None) -> ShardResult:
+@dataclass
+class ShardOptions:
+    source: str
+    gpus: int
+    out: Path | None = None
+    dtype: str = "float32"
+    revision: str | None = None
+    force: bool = False
+
+    def validate(self) -> None:
+        """The options that need no source; --gpus against d_ff is checked by `bounds`."""
+        with flag("--gpus", "pass the number of ranks to shard for, e.g. --gpus 2"):
+            check_world(self.gpus)
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype} is not supported", f"use one of {', '.join(DTYPES)}")
+
+    def bounds(self, d_ff: int) -> list[tuple[int, int]]:
+        with flag("--gpus", f"use at most {d_ff} ranks so every rank gets a slice"):
+            return slice_bounds(d_ff, self.gpus)
+
+
+def shard(opts: ShardOptions, progress=None) -> ShardResult:
     """Run the whole command. `progress(total_bytes)` returns a callable advanced by bytes written."""
-    if world < 1:
-        raise UserError(f"--gpus must be at least 1, got {world}", "pass the number of ranks to shard for, e.g. --gpus 2")
-    if dtype_name not in DTYPES:
-        raise UserError(f"--dtype {dtype_name} is not supported", f"use one of {', '.join(DTYPES)}")
+    opts.validate()
+    source_arg, world, dtype_name, force = opts.source, opts.gpus, opts.dtype, opts.force
     dtype = DTYPES[dtype_name]
-    source = resolve(source_arg, revision)
+    source = resolve(source_arg, opts.revision)
     d_ff = source.config.d_ff
-    bounds = slice_bounds(d_ff, world)
-    out = out or default_out(source_arg, world)
+    bounds = opts.bounds(d_ff)
+    out = opts.out or default_out(source_arg, world)
     if source.path and out.exists() and out.resolve() == Path(source.path).resolve():
         raise UserError(f"--out {out} is the source itself", "write the new shard set to another directory")
     created = not out.exists()
@@ -171,7 +193,7 @@ def shard(source_arg: str, world: int, out: Path | None, dtype_name: str, revisi
         written += [out / "config.json", *(out / n for n in TOKENIZER_FILES)]
         source.config.to_json_file(str(out / "config.json"))
         tokenizer_files = source.save_tokenizer(out)
-        sparse = sorted({int(n.split(".")[2]) for n, *_ in layouts[0] if ".experts." in n})
+        sparse = expert_layers(n for n, *_ in layouts[0])
         manifest = {
             "format_version": FORMAT_VERSION, "tool": "moeshard", "tool_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

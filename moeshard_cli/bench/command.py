@@ -11,6 +11,7 @@ import platform
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,10 +19,11 @@ from moeshard_cli.bench.deepspeed_moe import deepspeed_version
 from moeshard_cli.bench.systems import SYSTEMS
 from moeshard_cli.bench.weights import remove_run_files
 from moeshard_cli.bench.worker import BenchJob, bench_worker
-from moeshard_cli.checkpoint import resolve
+from moeshard_cli.shard.sources import resolve
 from moeshard_cli.errors import UserError
-from moeshard_cli.launch import launch
-from moeshard_cli.launch import pick_device
+from moeshard_cli.launch import check_device, launch, pick_device
+from moeshard_cli.options import at_least, check_router_flags, flag, positive
+from moeshard_cli.files import check_writable
 
 PAPER = dict(experts=[8, 16, 32, 64, 128, 256], batch_sizes=[10, 50, 100, 250, 450], seq_len=120, gpus=4)
 
@@ -44,8 +46,37 @@ class BenchOptions:
     seed: int
     max_cell_seconds: float
     timeout: float
+    json_path: Path | None = None
+    plot_path: Path | None = None
     debug: bool = False
     show_progress: bool = True
+
+    def use_paper_sweep(self) -> None:
+        self.experts, self.batch_sizes, self.seq_len, self.gpus = PAPER["experts"], PAPER["batch_sizes"], PAPER["seq_len"], PAPER["gpus"]
+
+    def validate(self) -> None:
+        """Every option, before any work; raises the one-line UserError that names the flag."""
+        for name, path in (("--plot", self.plot_path), ("--json", self.json_path)):
+            if path:
+                check_writable(path, name)
+        check_router_flags("skewed", self.skews, self.hot_experts)
+        if any(e < 1 for e in self.experts):
+            raise UserError("--experts must be positive", "e.g. --experts 8,32,128")
+        if any(b < 1 for b in self.batch_sizes) or self.seq_len < 1:
+            raise UserError("--batch-sizes and --seq-len must be positive", "e.g. --batch-sizes 8 --seq-len 120")
+        if self.iters < 1 or self.warmup < 1:
+            raise UserError("--iters and --warmup must be at least 1", "e.g. --iters 10 --warmup 2")
+        if self.gpus is not None:
+            at_least("--gpus", self.gpus, 1, "2")
+        unknown = [s for s in self.systems if s not in SYSTEMS]
+        if unknown:
+            raise UserError(f"--systems names unknown system {unknown[0]}", f"choose from {', '.join(SYSTEMS)}")
+        if self.capacity_factor is not None:
+            positive("--capacity-factor", self.capacity_factor, "50")
+        positive("--max-cell-seconds", self.max_cell_seconds, "12")
+        positive("--timeout", self.timeout, "900")
+        with flag("--device", "use auto, cpu or cuda"):
+            check_device(self.device)
 
 
 def parse_list(text: str, kind, flag: str) -> list:
@@ -56,24 +87,6 @@ def parse_list(text: str, kind, flag: str) -> list:
         return [kind(t) for t in items]
     except ValueError as exc:
         raise UserError(f"{flag} {text!r} is not a list of numbers", f"give a comma-separated list, e.g. {flag} 8,32,128") from exc
-
-
-def validate(opts: BenchOptions) -> None:
-    if any(s < 0 for s in opts.skews):
-        raise UserError(f"--skew {min(opts.skews)} is negative", "use 0 (uniform routing) or more")
-    if not 0 < opts.hot_experts <= 1:
-        raise UserError(f"--hot-experts {opts.hot_experts} is outside (0, 1]", "pass the fraction of hot experts, e.g. 0.1")
-    if any(e < 1 for e in opts.experts):
-        raise UserError("--experts must be positive", "e.g. --experts 8,32,128")
-    if any(b < 1 for b in opts.batch_sizes) or opts.seq_len < 1:
-        raise UserError("--batch-sizes and --seq-len must be positive", "e.g. --batch-sizes 8 --seq-len 120")
-    if opts.iters < 1 or opts.warmup < 1:
-        raise UserError("--iters and --warmup must be at least 1", "e.g. --iters 10 --warmup 2")
-    unknown = [s for s in opts.systems if s not in SYSTEMS]
-    if unknown:
-        raise UserError(f"--systems names unknown system {unknown[0]}", f"choose from {', '.join(SYSTEMS)}")
-    if opts.capacity_factor is not None and opts.capacity_factor <= 0:
-        raise UserError(f"--capacity-factor {opts.capacity_factor} must be positive", "e.g. --capacity-factor 50")
 
 
 def default_workers(device: str) -> int:
@@ -121,11 +134,9 @@ def estimate_seconds(opts: BenchOptions, workers: int) -> float:
 
 
 def bench(opts: BenchOptions) -> dict:
-    validate(opts)
+    """Run a validated sweep (opts.validate() first)."""
     device = pick_device(opts.device, opts.gpus or 1)
     workers = opts.gpus or default_workers(device)
-    if workers < 1:
-        raise UserError(f"--gpus {workers} must be at least 1", "pass the number of workers")
     pick_device(device, workers)  # raises if this machine cannot host that many
     models = [opts.model] if opts.model else [f"switch-base-{e}" for e in opts.experts]
     for m in models:
@@ -137,9 +148,9 @@ def bench(opts: BenchOptions) -> dict:
                    max_cell_seconds=opts.max_cell_seconds, timeout=opts.timeout, show_progress=opts.show_progress)
     start = time.time()
     try:
-        cells = launch(bench_worker, job, workers, debug=opts.debug, join_timeout=opts.timeout).get(0)
+        cells = launch(bench_worker, job, workers, debug=opts.debug, timeout=opts.timeout).get(0)
     finally:
         remove_run_files(run_id)
-    return {"config": {k: v for k, v in vars(opts).items() if k not in ("debug", "show_progress")} | {"workers": workers, "device": device},
+    return {"config": {k: v for k, v in vars(opts).items() if k not in ("debug", "show_progress", "json_path", "plot_path")} | {"workers": workers, "device": device},
             "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
             "seconds": time.time() - start, "cells": cells}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeshard_cli.errors import UserError
+from moeshard_cli.files import write_json_atomic
 
 MANIFEST = "moeshard.json"
 FORMAT_VERSION = 1
@@ -43,15 +44,6 @@ class ShardSet:
     @property
     def source_label(self) -> str:
         return self.data["source"]["id"]
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import SwitchTransformersConfig, SwitchTransformersEncoderModel
+from transformers import SwitchTransformersConfig
 
-from moeshard_cli import builtin
+from moeshard_cli.shard import builtin
 from moeshard_cli.dtypes import FROM_SAFETENSORS
 from moeshard_cli.errors import UserError
-from moeshard_cli.plan import EMBED_KEY, ENCODER_EMBED_KEY, EXPERT_KEY
+from moeshard_cli.switch import EMBED_KEY, ENCODER_EMBED_KEY, join_expert, meta_encoder, parse_expert_key, switch_config
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TOKENIZER_FILES = (
@@ -75,9 +75,7 @@ class Source:
 
 def expected_encoder_tensors(config: SwitchTransformersConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names and shapes of an encoder-only Switch model, from a meta-device build (no memory)."""
-    with torch.device("meta"):
-        model = SwitchTransformersEncoderModel(config)
-    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if k != ENCODER_EMBED_KEY}
+    return {k: (tuple(v.shape), v.dtype) for k, v in meta_encoder(config).state_dict().items() if k != ENCODER_EMBED_KEY}
 
 
 def resolve(source: str, revision: str | None = None) -> Source:
@@ -260,7 +258,7 @@ def _local_source(path: Path, label: str, kind: str) -> Source:
     available: dict[str, TensorEntry] = {}
     for file in files:
         available.update(_open_safetensors(file) if fmt == "safetensors" else _open_bin(file))
-    if not any(EXPERT_KEY.match(k) for k in available):
+    if not any(parse_expert_key(k) for k in available):
         raise UserError(f"{path} has no encoder expert weights (a dense model?)", "use a Switch Transformers MoE checkpoint")
     if EMBED_KEY not in available and ENCODER_EMBED_KEY in available:
         available[EMBED_KEY] = available[ENCODER_EMBED_KEY]
@@ -278,18 +276,18 @@ def _local_source(path: Path, label: str, kind: str) -> Source:
 
 def _shard_set_source(path: Path, label: str) -> Source:
     """A moeshard shard set read back as a checkpoint: experts are the concatenation of the rank slices."""
-    from moeshard_cli.manifest import check_files, read_shard_set
+    from moeshard_cli.shard.manifest import check_files, read_shard_set
 
     shards = read_shard_set(path)
     check_files(shards)
     ranks = [_open_safetensors(shards.rank_file(r)) for r in range(shards.world_size)]
-    config = SwitchTransformersConfig.from_dict(dict(shards.config))
+    config = switch_config(shards.config)
 
     def load(key: str) -> torch.Tensor:
-        m = EXPERT_KEY.match(key)
-        if not m:
+        parsed = parse_expert_key(key)
+        if not parsed:
             return ranks[0][key].load()
-        return torch.cat([rank[key].load() for rank in ranks], dim=0 if m.group(3) == "wi" else 1)
+        return join_expert(parsed[2], [rank[key].load() for rank in ranks])
 
     entries = [TensorEntry(k, shape, ranks[0][k].dtype, functools.partial(load, k)) for k, (shape, _) in expected_encoder_tensors(config).items()]
     return Source(label=label, kind="shard-set", config=config, tensors=entries, path=str(path.resolve()), tokenizer_dir=path)

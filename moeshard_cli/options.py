@@ -1,0 +1,58 @@
+"""Validation at the edge: each command's options object checks its values once, here.
+
+Core code raises ValueError in plain words about a value ("-0.1 is negative"); `flag` turns
+that into the one-line UserError that names the flag and the fix ("--skew -0.1 is negative:
+pass a skew of 0 (uniform) or more"). UserError is raised directly only for problems with
+the user's environment (files, devices, network), whose fix may name a flag.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+from moeshard_cli.errors import UserError
+from moeshard_cli.moe.routing import check_hot_experts, check_router, check_skew
+
+
+@contextmanager
+def flag(name: str, fix: str):
+    """Inside: a core ValueError about the value of option `name` becomes its one-line UserError."""
+    try:
+        yield
+    except ValueError as exc:
+        raise UserError(f"{name} {exc}", fix) from None
+
+
+def check_router_flags(kind: str, skews: list[float], hot_experts: float) -> None:
+    with flag("--router", "use --router model or --router skewed"):
+        check_router(kind)
+    for skew in skews:
+        with flag("--skew", "pass a skew of 0 (uniform) or more, e.g. --skew 0.6"):
+            check_skew(skew)
+    with flag("--hot-experts", "pass the fraction of experts that get extra load, e.g. --hot-experts 0.1"):
+        check_hot_experts(hot_experts)
+
+
+def at_least(name: str, value: float, low: float, example: str) -> None:
+    """`value >= low`, and a real number: nan and inf are refused."""
+    if not math.isfinite(value):
+        raise UserError(f"{name} {value} is not a finite number", f"pass e.g. {name} {example}")
+    if value < low:
+        raise UserError(f"{name} {value:g} must be at least {low:g}", f"pass e.g. {name} {example}")
+
+
+def positive(name: str, value: float, example: str) -> None:
+    """`value > 0`, and a real number."""
+    if not math.isfinite(value):
+        raise UserError(f"{name} {value} is not a finite number", f"pass e.g. {name} {example}")
+    if value <= 0:
+        raise UserError(f"{name} {value:g} must be positive", f"pass e.g. {name} {example}")
+
+
+def endpoint(value: str) -> tuple[str, int]:
+    """HOST:PORT of a rendezvous (IPv6 hosts in brackets)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--rdzv-endpoint {value!r} is not HOST:PORT", "give node 0's address and a free port, e.g. --rdzv-endpoint node0:29400")
+    return host.strip("[]"), int(port)
