@@ -47,15 +47,16 @@ def moeshard(args, shards: Path, text: Path, *extra: str) -> float:
 def transformers_tokens_per_s(shards: Path, text: Path, batch_size: int, threads: int) -> float:
     from transformers import AutoTokenizer
 
-    from moeshard_cli.corpus import plan_batches, read_lines, tokenize
+    from moeshard_cli.run.inputs import read_windows, tokenize
+    from moeshard_cli.run.schedule import plan_window
     from moeshard_cli.shard.manifest import read_shard_set
     from moeshard_cli.reference import reassemble_state, reference_encoder
 
     torch.set_num_threads(threads)
     s = read_shard_set(shards)
     model = reference_encoder(s.config, reassemble_state(s))
-    ids = tokenize(read_lines(text), AutoTokenizer.from_pretrained(str(shards)), 512).ids
-    batches = plan_batches([len(r) for r in ids], batch_size, 1)[0]
+    ids, _ = tokenize([t for w in read_windows(text, 1 << 30) for t in w.texts], AutoTokenizer.from_pretrained(str(shards)), 512)
+    batches = [step[0] for step in plan_window([len(r) for r in ids], batch_size, 1)]  # run's batching, one worker
     # Like `moeshard run`'s wall time: the whole corpus, first (cold) batch included, loading excluded.
     tokens, t0 = 0, time.perf_counter()
     with torch.inference_mode():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,11 +20,22 @@ app = typer.Typer(
     name="moeshard",
     help="Fast, dropless Mixture-of-Experts encoder inference by expert sharding (MoEShard).",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+PIPED_WIDTH = 240
+
+
+def make_console(stderr: bool = False) -> Console:
+    """Tables keep their columns when the output is piped (CI logs, `| tee`): rich would cut them to 80."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(stderr=stderr, width=PIPED_WIDTH)
+    return console
+
+
+console = make_console()
+err_console = make_console(stderr=True)
 STATE = {"debug": False}
 
 
@@ -39,6 +51,8 @@ def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ):
     STATE["debug"] = debug
+    if not debug:  # torch's C++ side logs connection retries and stack traces straight to stderr
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 
 
 @app.command()
@@ -71,7 +85,8 @@ def run(
     pooling: str = typer.Option("mean", "--pooling", help="mean: one embedding per line; none: every token's hidden state plus offsets."),
     normalize: bool = typer.Option(False, "--normalize", help="L2-normalize every output row."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (one GPU per rank, NCCL)."),
-    expert_backend: str = typer.Option("auto", "--expert-backend", help="auto, grouped_mm, loop or megablocks (CUDA only)."),
+    expert_backend: str = typer.Option("auto", "--expert-backend", help="auto, grouped_mm, loop or megablocks (CUDA, bfloat16)."),
+    attention: str = typer.Option("eager", "--attention", help="eager: transformers' own; fused: torch's scaled_dot_product_attention with T5's position bias (for GPUs; float32 may differ from transformers by ~1e-4..1e-3)."),
     router: str = typer.Option("model", "--router", help="model: the checkpoint's router; skewed: the paper's benchmark router."),
     skew: float = typer.Option(0.0, "--skew", help="Skewed router: extra probability mass of each hot expert."),
     hot_experts: float = typer.Option(0.1, "--hot-experts", help="Skewed router: fraction of experts that are hot."),
@@ -91,7 +106,7 @@ def run(
 
     opts = RunOptions(
         input=input, shards=shards, output=output, batch_size=batch_size, max_length=max_length, window=window, pooling=pooling,
-        normalize=normalize, device=device, backend=expert_backend, router=router, skew=skew, hot_experts=hot_experts, seed=seed,
+        normalize=normalize, device=device, backend=expert_backend, attention=attention, router=router, skew=skew, hot_experts=hot_experts, seed=seed,
         timeout=timeout, verify=verify, resume=resume, restart=restart, json_path=json_path, nnodes=nnodes,
         node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, debug=STATE["debug"], show_progress=console.is_terminal,
     )
@@ -118,7 +133,7 @@ def bench(
     model: Optional[str] = typer.Option(None, "--model", help="Benchmark this checkpoint or shard set instead of the built-in models."),
     per_layer: bool = typer.Option(False, "--per-layer", help="Also time each MoE layer (paper section 4.2)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every raw sample, the configuration and the machine as JSON."),
-    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of speedup against experts and batch size."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: latency per system (median, p10-p90) and speedup, along each swept axis."),
     paper: bool = typer.Option(False, "--paper", help="The paper's sweep for a 4-GPU node: experts 8-256, batch 10-450, seq 120, 4 workers."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seed of inputs and router draws."),
@@ -162,9 +177,10 @@ def demo(
 
 
 def main() -> None:
-    previous = signal.signal(signal.SIGTERM, _terminated)  # SIGTERM cleans up like Ctrl-C, and exits 143
+    # Ctrl-C and SIGTERM raise Interrupted: cleanup runs, the exit code is 130 or 143, the line says which
+    previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="moeshard")
     except UserError as exc:
         if STATE["debug"]:
             raise
@@ -174,26 +190,35 @@ def main() -> None:
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except Exception as exc:  # click usage errors come through here too
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        click = _click_exceptions()
+        if isinstance(exc, click.ClickException):
             exc.show()
+            sys.exit(exc.exit_code)  # 2 for usage errors, as click and torchrun do
+        if isinstance(exc, click.Exit):
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, click.Abort):
             _fail("interrupted", 130)
         if STATE["debug"]:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         _fail(f"{type(exc).__name__}: {first}: rerun with --debug for the traceback and report it", 1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     # without standalone mode click returns the exit code of Ctrl-C (130) and typer.Exit
     if isinstance(code, int) and code:
         if code == 130:
             _fail("interrupted", 130)
         sys.exit(code)
+
+
+def _click_exceptions():
+    """The click that typer runs on: recent typer vendors its own copy, whose classes differ from click's."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
 
 
 def _terminated(signum, frame):

@@ -76,7 +76,9 @@ def launch(entrypoint, job, world: int, nnodes: int = 1, node_rank: int = 0, end
     stop every worker and raise Interrupted (the log directory is removed).
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if world % nnodes or not 0 <= node_rank < nnodes or (nnodes > 1 and not endpoint):
@@ -92,17 +94,28 @@ def launch(entrypoint, job, world: int, nnodes: int = 1, node_rank: int = 0, end
     config = LaunchConfig(
         min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=local, run_id="moeshard",
         rdzv_backend="c10d", rdzv_endpoint=endpoint or f"127.0.0.1:{free_port()}",
-        rdzv_configs={"is_host": node_rank == 0, "join_timeout": math.ceil(timeout)}, max_restarts=0,  # whole seconds
+        # Whole seconds. read_timeout bounds each of the two tries (and the pause between them) a node
+        # makes to reach node 0's store; its default, 60 s, made a node wait minutes past --timeout.
+        rdzv_configs={"is_host": node_rank == 0, "join_timeout": math.ceil(timeout), "read_timeout": max(1, math.ceil(timeout / 3))},
+        max_restarts=0,
         monitor_interval=0.1, start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ERR, tee=Std.ERR if debug else Std.NONE),
     )
     os.environ[PARENT_ENV] = str(os.getpid())
+    # Workers allocate from several threads (encode loop, prefetch, writer, gloo); glibc's default of
+    # one arena per thread let their fragmentation grow a long run's peak memory (docs/benchmarks.md).
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         returned = elastic_launch(config, as_node_rank)(entrypoint, node_rank, job)
     except SignalException as exc:
         shutil.rmtree(log_dir, ignore_errors=True)
         raise Interrupted(exc.sigval) from None
+    except (RendezvousError, DistError) as exc:  # the nodes never met: a wrong endpoint, a node not started
+        shutil.rmtree(log_dir, ignore_errors=True)
+        where = endpoint or "localhost"
+        raise UserError(f"node {node_rank} of {nnodes} could not meet the others at {where} within {timeout:g} s ({_rendezvous_reason(exc)})",
+                        f"start the same command on all {nnodes} nodes within --timeout, with --rdzv-endpoint naming node 0 and a port it can open") from None
     except ChildFailedError as exc:
         _, failure = exc.get_first_failure()
         if failure.signal_name() in ("SIGINT", "SIGTERM") and failure.local_rank >= 0 and _interrupted(failure):
@@ -116,6 +129,17 @@ def launch(entrypoint, job, world: int, nnodes: int = 1, node_rank: int = 0, end
     shutil.rmtree(log_dir, ignore_errors=True)
     # the launcher numbers ranks by its own node order; the workers ran with node_rank's
     return {node_rank * local + r % local: value for r, value in returned.items()}
+
+
+def _rendezvous_reason(exc: BaseException) -> str:
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError, RendezvousTimeoutError
+
+    if isinstance(exc, RendezvousConnectionError):
+        return "node 0's rendezvous store did not answer"
+    if isinstance(exc, RendezvousTimeoutError):
+        return "not every node arrived"
+    text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\] ", "", str(exc)).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def _interrupted(failure) -> bool:
@@ -150,11 +174,20 @@ def describe_failure(failure) -> str:
 FAILURE_GRACE_S = 1.0
 
 
+def release_free_memory() -> None:
+    """Hand memory freed inside the heap back to the OS (glibc's malloc_trim); a no-op elsewhere."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
 def die_with_parent() -> None:
     """A worker must not outlive its launcher (a SIGKILLed `moeshard` would leave it running and writing)."""
-    if sys.platform.startswith("linux"):
+    if _LIBC is not None:
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     parent = os.environ.get(PARENT_ENV)
     if parent and os.getppid() != int(parent):  # it died before the line above
         os._exit(1)

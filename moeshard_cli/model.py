@@ -9,13 +9,21 @@ same shell from a checkpoint's replicated weights and gives each system its own 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from moeshard_cli.moe.experts import stack_experts
+from moeshard_cli.dtypes import DTYPES
+from moeshard_cli.moe.dispatch import ShardedDispatch
+from moeshard_cli.moe.exchange import Collectives
+from moeshard_cli.moe.experts import GroupedExperts, resolve_backend, stack_experts
+from moeshard_cli.moe.layer import ShardedSparseMLP, TokenContext
+from moeshard_cli.moe.routing import RouterSpec
+from moeshard_cli.moe.timing import SectionTimer
 from moeshard_cli.shard.manifest import ShardSet
 from moeshard_cli.switch import ENCODER_EMBED_KEY, meta_encoder, parse_expert_key, set_sparse_mlp, sparse_layers, switch_config, tie_embeddings
 
@@ -67,6 +75,60 @@ def build_sharded_encoder(shards: ShardSet, rank: int, device: torch.device, mak
     layers = install_moe(model, lambda i: make_mlp(i, config, *stack_experts(*experts[i])))
     assign_weights(model, state)
     return model, layers
+
+
+@dataclass
+class ShardedEncoder:
+    """What a run worker drives: the model, the per-batch token context its MoE layers share, and them."""
+
+    model: nn.Module
+    ctx: TokenContext
+    mlps: dict[int, ShardedSparseMLP] = field(default_factory=dict)
+    backend: str = "grouped_mm"
+    pad_id: int = 0
+
+
+def sharded_encoder(shards: ShardSet, rank: int, device: torch.device, backend: str, router: RouterSpec,
+                    comm: Collectives, timer: SectionTimer, attention: str = "eager") -> ShardedEncoder:
+    """transformers' encoder with a MoEShard `ShardedSparseMLP` in every sparse block, from rank `rank`'s file."""
+    from transformers.activations import ACT2FN
+
+    config = switch_config(shards.config)
+    backend = resolve_backend(backend, device, config.d_model, DTYPES[shards.dtype])
+    ctx, mlps = TokenContext(), {}
+
+    def make(layer, _config, w_in_EDF, w_out_EFD):
+        dispatch = ShardedDispatch(GroupedExperts(w_in_EDF, w_out_EFD, ACT2FN[config.dense_act_fn], backend), comm, timer)
+        mlps[layer] = ShardedSparseMLP(config.d_model, config.num_experts, config.router_bias, dispatch, router, ctx, layer)
+        return mlps[layer]
+
+    model, _ = build_sharded_encoder(shards, rank, device, make)
+    use_attention(model, attention)
+    return ShardedEncoder(model, ctx, mlps, backend, config.pad_token_id or 0)
+
+
+# ---------------------------------------------------------------- attention
+
+ATTENTIONS = ("eager", "fused")
+_FUSED = "moeshard_fused"  # a name without "sdpa": transformers refuses sdpa for Switch, which has no support flag
+
+
+def use_attention(model, name: str) -> None:
+    """eager: transformers' own attention. fused: the same through torch's scaled_dot_product_attention,
+    T5's position bias and the padding mask passed as one additive mask (fused kernels on GPUs)."""
+    if name == "fused":
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(_FUSED, fused_attention)
+        model.set_attn_implementation(_FUSED)
+
+
+def fused_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_bias=None, **kwargs):
+    """transformers' eager_attention_forward for T5 (scores + position bias + mask, softmax, values) in one call."""
+    bias = position_bias if attention_mask is None else attention_mask if position_bias is None else position_bias + attention_mask
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=None if bias is None else bias.to(query.dtype),
+                                         dropout_p=dropout, scale=scaling if scaling is not None else query.size(-1) ** -0.5)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def build_shell(config, replicated: dict[str, torch.Tensor], make_mlp: Callable[[int], nn.Module], device: torch.device):

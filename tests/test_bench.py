@@ -107,3 +107,62 @@ def test_a_cells_dropped_tokens_do_not_depend_on_the_cells_before_it(tiny_sweep,
     earlier = [c["dropped_pct"] for c in tiny_sweep[0]["cells"] if c["system"] == "deepspeed" and (c["batch_size"], c["skew"]) != (3, 0.6)]
     assert alone["deepspeed"]["dropped_pct"] > 0 and any(pct != alone["deepspeed"]["dropped_pct"] for pct in earlier)
     assert swept["deepspeed"]["dropped_pct"] == alone["deepspeed"]["dropped_pct"]
+
+
+def hand_made_result(configs: list[tuple[int, int, float]], systems=("moeshard", "deepspeed", "ep")) -> dict:
+    """A bench result without a bench: each system is a fixed factor slower than moeshard."""
+    factor = {"moeshard": 1.0, "deepspeed": 8.0, "ep": 1.2}
+    cells = [{"experts": E, "model": f"switch-base-{E}", "batch_size": B, "seq_len": 16, "skew": skew, "workers": 2,
+              "system": s, "samples": [0.01 * B * factor[s] * (1 + i / 10) for i in range(5)], "per_layer": None,
+              "skipped": None, "imbalance": 1.0, "max_abs_diff_vs_moeshard": 0.0, "dropped_pct": 0.0}
+             for E, B, skew in configs for s in systems]
+    cells[-1] |= {"samples": [], "skipped": "over the time budget"}  # skipped cells are left out
+    return {"config": {"model": None, "workers": 2, "device": "cpu", "seq_len": 16, "hot_experts": 0.1, "capacity_factor": None},
+            "machine": {"cpu": "test CPU", "cores": 2}, "started": "", "seconds": 0.0, "cells": cells}
+
+
+PLOT_CASES = {
+    "batch sweep": [(128, B, 0.6) for B in (1, 2, 4, 8)],
+    "experts and skew": [(E, 8, skew) for E in (8, 32) for skew in (0.0, 0.6)],
+    "single configuration": [(8, 8, 0.6)],
+}
+
+
+@pytest.mark.parametrize("case", PLOT_CASES)
+def test_plot_draws_every_panel(case, tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from moeshard_cli.bench.report import figure, plot
+
+    result = hand_made_result(PLOT_CASES[case])
+    plot(tmp_path / "fig.png", result)
+    data = (tmp_path / "fig.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", data[16:24])[0] > 500
+    fig = figure(result)
+    try:
+        assert fig.axes and all(ax.containers for ax in fig.axes)  # every panel has bars or error-bar lines
+        assert len(fig.axes) == {"batch sweep": 2, "experts and skew": 4, "single configuration": 1}[case]
+        if case == "experts and skew":  # one line per value of the other axis, told apart by a legend
+            assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["skew 0", "skew 0.6"]
+        if case == "single configuration":
+            assert any("moeshard 8.00x faster" in t.get_text() for t in fig.axes[0].texts)
+    finally:
+        plt.close(fig)
+
+
+def test_plot_ticks_the_swept_batch_sizes():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from moeshard_cli.bench.report import figure
+
+    fig = figure(hand_made_result([(128, B, 0.6) for B in (1, 2, 4, 8)]))
+    try:
+        for ax in fig.axes:
+            assert ax.get_xlabel().startswith("batch size")
+            assert list(ax.get_xticks()) == [1, 2, 4, 8]
+            assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "8"]
+    finally:
+        plt.close(fig)

@@ -200,6 +200,15 @@ def corpora(place) -> dict[str, Path]:
     return paths
 
 
+def node_copy(shards: Path, dst: Path, keep_rank: int) -> Path:
+    """A copy of a shard set without the rank files of the other node's ranks."""
+    shutil.copytree(shards, dst)
+    for rank, entry in enumerate(read_shard_set(dst).data["files"]):
+        if rank != keep_rank:
+            (dst / entry["name"]).unlink()
+    return dst
+
+
 def run_args(corpus: Path, output: Path, *extra) -> list:
     return ["run", "--input", corpus, "--output", output, "--batch-size", BATCH, "--max-length", MAX_LENGTH, *extra]
 
@@ -221,13 +230,15 @@ def runs(place, shard_sets, corpora) -> dict[str, list[Result]]:
     # Two nodes: node 1 starts first, so the c10d rendezvous (which orders nodes by process
     # id) would make it rank 0; --node-rank must still give rank 0 to node 0. Started first,
     # while the free port is still free.
+    # Each node holds only the rank file of the rank it hosts, as on two machines.
     endpoint = f"127.0.0.1:{free_port()}"
     output = out / "two-nodes.safetensors"
+    node_sets = [node_copy(shard_sets[2], place / f"node{n}-set", keep_rank=n) for n in (0, 1)]
     groups["two-nodes"] = [
-        {"args": run_args(corpora["main"], output, "--shards", shard_sets[2], "--nnodes", 2, "--node-rank", 1,
+        {"args": run_args(corpora["main"], output, "--shards", node_sets[1], "--nnodes", 2, "--node-rank", 1,
                           "--rdzv-endpoint", endpoint, "--timeout", 60),
          "log": out / "node1", "env": env, "output": output, "then_wait": 1.0},
-        {"args": run_args(corpora["main"], output, "--json", out / "node0.json", "--shards", shard_sets[2], "--nnodes", 2, "--node-rank", 0,
+        {"args": run_args(corpora["main"], output, "--json", out / "node0.json", "--shards", node_sets[0], "--nnodes", 2, "--node-rank", 0,
                           "--rdzv-endpoint", endpoint, "--timeout", 60),
          "log": out / "node0", "env": env, "output": output, "json": out / "node0.json"},
     ]
@@ -252,7 +263,8 @@ def runs(place, shard_sets, corpora) -> dict[str, list[Result]]:
         name, output = f"order-{world}-{batch}-{window}", out / f"order-{world}-{batch}-{window}.safetensors"
         groups[name] = [{"args": ["run", "--shards", shard_sets[world], "--input", corpora["main"], "--output", output, "--batch-size", batch,
                                   "--window", window, "--max-length", MAX_LENGTH], "log": out / name, "env": env, "output": output}]
-    for name, output, extra in (("npy", out / "w2.npy", []), ("normalized", out / "w2-normalized.safetensors", ["--normalize"])):
+    for name, output, extra in (("npy", out / "w2.npy", []), ("normalized", out / "w2-normalized.safetensors", ["--normalize"]),
+                                ("fused", out / "w2-fused.safetensors", ["--attention", "fused"])):
         groups[name] = [{"args": run_args(corpora["main"], output, "--shards", shard_sets[2], *extra), "log": out / name, "env": env, "output": output}]
     output = out / "few.safetensors"
     groups["few"] = [{"args": ["run", "--shards", shard_sets[4], "--input", corpora["few"], "--output", output, "--batch-size", 1],
@@ -333,6 +345,14 @@ def test_rows_follow_the_input_for_any_workers_batch_and_window(runs, reference,
     assert (got - torch.stack(reference(world, RouterSpec()))).abs().max().item() <= TOL
     default = read_output(runs["w2-model"][0].output)[0]["embeddings"]  # the built-in weights, whatever the world size
     assert (got - default).abs().max().item() <= 1e-5  # the batching changes float rounding, nothing more
+
+
+def test_fused_attention_matches_transformers(runs, reference):
+    (result,) = runs["fused"]
+    succeeded(result)
+    got, meta = read_output(result.output)
+    assert meta["attention"] == "fused"
+    assert (got["embeddings"] - torch.stack(reference(2, RouterSpec()))).abs().max().item() <= TOL
 
 
 def test_npy_output_matches_the_safetensors_one(runs):

@@ -6,9 +6,11 @@ import errno
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ARCHS, FORMATS, cli_popen, invoke, read_rank_files, run_cli, tiny_checkpoint
+from conftest import ARCHS, FORMATS, cli_popen, invoke, read_rank_files, run_cli, save_checkpoint, tiny_checkpoint, tiny_model
 from moeshard_cli.shard import builtin
 from moeshard_cli.shard.sources import expected_encoder_tensors
 from moeshard_cli.errors import UserError
@@ -465,3 +467,88 @@ def test_too_many_open_files_is_one_line(tmp_path, monkeypatch, low_open_file_li
     code, stdout, err = invoke(["shard", "--gpus", D_FF, "--out", tmp_path / "set"])
     assert_refused(code, stdout, err, f"--gpus {D_FF} needs {D_FF} rank files open at once", "ulimit -n")
     assert listing(tmp_path) == []
+
+
+# ---------------------------------------------------------------- SentencePiece-only tokenizers
+
+# Lines the tokenizer is checked on: non-ASCII (some characters outside the tiny vocabulary), runs of
+# whitespace, a line far longer than any piece, and an empty one.
+SPIECE_TEXTS = ["The quick brown fox jumps over the lazy dog.", "Grüße aus Zürich, naïve café: 日本語 🚀 ﬁ Ｆｕｌｌ",
+                "  spaces   and\ttabs  ", "antidisestablishmentarianism" * 30, ""]
+
+# On PYTHONPATH, makes `import sentencepiece` fail as if it were not installed (find_spec returns None).
+HIDE_SENTENCEPIECE = "import sys\nsys.modules['sentencepiece'] = None\n"
+
+
+@pytest.fixture(scope="module")
+def spiece_checkpoint(tmp_path_factory):
+    """A tiny Switch checkpoint whose tokenizer is only spiece.model, T5's layout (pad 0, eos 1, unk 2)."""
+    spm = pytest.importorskip("sentencepiece")
+    path = save_checkpoint(tiny_model(), tmp_path_factory.mktemp("spiece-ckpt"), tokenizer=False)
+    rng = random.Random(0)  # enough distinct words for 200 pieces
+    syllables = "ka to ri mu ne sa lo pe di fu ch th st er an qu zü gr öß na ï ca fé".split()
+    lines = [" ".join("".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(12)) for _ in range(300)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(path / "spiece"), vocab_size=200,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    (path / "spiece.vocab").unlink()
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "model_max_length": 512}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def spiece_shard_set(spiece_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("spiece-set") / "set"
+    code, _, err = invoke(["shard", spiece_checkpoint, "--gpus", 2, "--out", out])
+    assert code == 0, err
+    return out
+
+
+def hide_sentencepiece(tmp_path: Path) -> dict:
+    """Environment for a child process in which sentencepiece cannot be imported."""
+    (tmp_path / "hide").mkdir()
+    (tmp_path / "hide" / "sitecustomize.py").write_text(HIDE_SENTENCEPIECE)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "hide"), os.environ.get("PYTHONPATH")]))}
+
+
+def test_spiece_only_checkpoint_gets_tokenizer_json(spiece_checkpoint, spiece_shard_set):
+    out = spiece_shard_set
+    data = json.loads((out / MANIFEST).read_text())
+    assert "tokenizer.json" in data["tokenizer_files"] and (out / "tokenizer.json").is_file()
+    assert "spiece.model" in data["tokenizer_files"]
+    assert (out / "spiece.model").read_bytes() == (spiece_checkpoint / "spiece.model").read_bytes()
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 512  # the source's settings kept
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [MANIFEST, "config.json", *data["tokenizer_files"], *(f["name"] for f in data["files"])])
+    assert not (spiece_checkpoint / "tokenizer.json").exists()  # the source is left as it was
+
+
+def test_converted_tokenizer_loads_without_sentencepiece(tmp_path, spiece_checkpoint, spiece_shard_set):
+    spm = pytest.importorskip("sentencepiece")
+    # Loaded and applied as `run` does, in a process where sentencepiece is hidden (checked first).
+    script = (
+        "import importlib.util, json, sys\n"
+        "assert importlib.util.find_spec('sentencepiece') is None, 'sentencepiece is not hidden'\n"
+        "from moeshard_cli.run.inputs import tokenize\n"
+        "from moeshard_cli.run.worker import _tokenizer\n"
+        "print(json.dumps(tokenize(json.loads(sys.argv[2]), _tokenizer(sys.argv[1]), 10**6)[0]))\n"
+    )
+    env = {**os.environ, **hide_sentencepiece(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script, str(spiece_shard_set), json.dumps(SPIECE_TEXTS)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    # The reference is sentencepiece itself plus </s>, which is what the slow T5Tokenizer computed
+    # (transformers 5 has no slow T5Tokenizer: T5Tokenizer is the tokenizers-backed class).
+    sp = spm.SentencePieceProcessor(model_file=str(spiece_checkpoint / "spiece.model"))
+    expected = [sp.encode(text) + [sp.eos_id()] for text in SPIECE_TEXTS]
+    assert any(sp.unk_id() in ids for ids in expected) and max(map(len, expected)) > 100  # the cases are exercised
+    assert json.loads(proc.stdout) == expected
+
+
+def test_spiece_only_without_sentencepiece_is_one_line(tmp_path, spiece_checkpoint):
+    before = listing(spiece_checkpoint)
+    out = tmp_path / "work" / "set"
+    code, stdout, err = run_cli(["shard", spiece_checkpoint, "--gpus", 2, "--out", out], env=hide_sentencepiece(tmp_path))
+    assert code == 2, err
+    assert_refused(code, stdout, err, "spiece.model", "sentencepiece", "pip install sentencepiece")
+    assert not out.exists() and not out.parent.exists()
+    assert listing(spiece_checkpoint) == before

@@ -6,10 +6,10 @@ elastic launcher as `moeshard run`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +17,9 @@ import torch
 
 from moeshard_cli.bench.deepspeed_moe import deepspeed_version
 from moeshard_cli.bench.systems import SYSTEMS
-from moeshard_cli.bench.weights import remove_run_files
+from moeshard_cli.bench.weights import SharedExperts, check_room, new_run_id, reclaim_orphans, remove_run_files
 from moeshard_cli.bench.worker import BenchJob, bench_worker
+from moeshard_cli.shard.plan import slice_bounds
 from moeshard_cli.shard.sources import resolve
 from moeshard_cli.errors import UserError
 from moeshard_cli.launch import check_device, launch, pick_device
@@ -56,6 +57,7 @@ class BenchOptions:
 
     def validate(self) -> None:
         """Every option, before any work; raises the one-line UserError that names the flag."""
+        self.require_extra()
         for name, path in (("--plot", self.plot_path), ("--json", self.json_path)):
             if path:
                 check_writable(path, name)
@@ -74,9 +76,25 @@ class BenchOptions:
         if self.capacity_factor is not None:
             positive("--capacity-factor", self.capacity_factor, "50")
         positive("--max-cell-seconds", self.max_cell_seconds, "12")
-        positive("--timeout", self.timeout, "900")
+        at_least("--timeout", self.timeout, 1, "900")
         with flag("--device", "use auto, cpu or cuda"):
             check_device(self.device)
+
+
+    def require_extra(self) -> None:
+        """The bench's own dependencies are an extra, left out of the base install."""
+        needed = ["psutil"] + ["deepspeed"] * any(s.startswith("deepspeed") for s in self.systems) + ["matplotlib"] * bool(self.plot_path)
+        missing = [name for name in needed if not _installed(name)]
+        if missing:
+            raise UserError(f"moeshard bench needs {', '.join(missing)}, which the base install leaves out",
+                            'install the bench extra: pip install "moeshard[bench]"')
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def parse_list(text: str, kind, flag: str) -> list:
@@ -111,26 +129,70 @@ def machine() -> dict:
     return info
 
 
+# Fixed costs of a sweep, measured on the 2-core machine (docs/benchmarks.md): starting the workers,
+# DeepSpeed's import and groups, and per forward the Python and collective overhead of each layer.
+START_S, DEEPSPEED_START_S, LAYER_OVERHEAD_S = 8.0, 6.0, 0.004
+
+
+def models_of(opts: BenchOptions) -> list[str]:
+    return [opts.model] if opts.model else [f"switch-base-{e}" for e in opts.experts]
+
+
 def estimate_seconds(opts: BenchOptions, workers: int) -> float:
-    """A rough FLOP-count estimate (DeepSpeed's capacity padding included) at a measured matmul rate."""
-    a = torch.randn(1024, 768)
-    b = torch.randn(768, 3072)
+    """A FLOP-count guess at a matmul rate measured here, plus the fixed costs above: start-up,
+    filling the shared experts, and every forward the sweep runs (repeats cut as the bench cuts them)."""
+    total = START_S + (DEEPSPEED_START_S if any(s.startswith("deepspeed") for s in opts.systems) else 0.0)
+    for name in models_of(opts):
+        config = resolve(name).config
+        rate = _matmul_rate(config.d_model, config.d_ff) / max(1, workers)  # per worker, its share of the cores
+        expert_bytes = 2 * config.num_sparse_encoder_layers * config.num_experts * config.d_model * config.d_ff * 4
+        total += expert_bytes / FILL_BYTES_PER_S / max(1, workers)
+        for batch in opts.batch_sizes:
+            for skew in opts.skews:
+                for system in opts.systems:
+                    per_forward = _forward_flops(config, batch * opts.seq_len, _expert_factor(system, config.num_experts, skew, opts)) / rate
+                    per_forward += LAYER_OVERHEAD_S * config.num_layers
+                    warm = opts.warmup if per_forward < opts.max_cell_seconds / 10 else 1
+                    total += (warm + min(opts.iters, max(3, int(opts.max_cell_seconds / per_forward)))) * per_forward
+    return total
+
+
+FILL_BYTES_PER_S = 0.4e9  # drawing the built-in experts' random weights into shared memory, per worker
+
+
+def _matmul_rate(d_model: int, d_ff: int) -> float:
+    a, b = torch.randn(1024, d_model), torch.randn(d_model, d_ff)
     t0 = time.perf_counter()
     for _ in range(5):
         a @ b
-    rate = 5 * 2 * 1024 * 768 * 3072 / (time.perf_counter() - t0) / max(1, workers)  # per worker
-    total = 0.0
-    for E in opts.experts:
-        for B in opts.batch_sizes:
-            tokens = B * opts.seq_len
-            dense = 2 * tokens * (12 * 4 * 768 * 768 + 6 * 2 * 768 * 3072)  # attention + dense FF
-            expert = 2 * tokens * 2 * 768 * 3072 * 6  # one expert per token, 6 MoE layers
-            for s in opts.systems:
-                factor = {"deepspeed": opts.capacity_factor or min(E, 50), "deepspeed-dropless": 4.0}.get(s, 1.0)
-                per_forward = (dense + expert * factor) / rate
-                n = opts.warmup + min(opts.iters, max(3, int(opts.max_cell_seconds / max(per_forward, 1e-9))))
-                total += n * per_forward * len(opts.skews)
-    return total
+    return 5 * 2 * 1024 * d_model * d_ff / (time.perf_counter() - t0)
+
+
+def _forward_flops(config, tokens: int, expert_factor: float) -> float:
+    """Attention projections and dense feed-forwards of every layer, plus the experts' rows."""
+    d, inner = config.d_model, config.num_heads * config.d_kv
+    sparse = config.num_sparse_encoder_layers
+    dense_ff = config.num_layers - sparse
+    per_token = config.num_layers * 4 * d * inner + dense_ff * 2 * d * config.d_ff + sparse * 2 * d * config.d_ff * expert_factor
+    return 2 * tokens * per_token
+
+
+def _expert_factor(system: str, num_experts: int, skew: float, opts: BenchOptions) -> float:
+    """Rows each system computes per routed token: DeepSpeed pads every expert to its capacity."""
+    from moeshard_cli.bench.systems import paper_capacity_factor
+    from moeshard_cli.moe.routing import skewed_probabilities
+
+    if system == "deepspeed":
+        return opts.capacity_factor or paper_capacity_factor(num_experts)
+    if system == "deepspeed-dropless":  # every expert padded to the busiest one
+        return num_experts * float(skewed_probabilities(num_experts, skew, opts.hot_experts).max())
+    return 1.0
+
+
+def shared_bytes(config, workers: int) -> int:
+    """Bytes of a model's experts in the bench's shared [G, E, D, F] layout."""
+    return SharedExperts.size_for(config.num_sparse_encoder_layers, config.num_experts, config.d_model,
+                                  slice_bounds(config.d_ff, workers), torch.float32)
 
 
 def bench(opts: BenchOptions) -> dict:
@@ -138,10 +200,11 @@ def bench(opts: BenchOptions) -> dict:
     device = pick_device(opts.device, opts.gpus or 1)
     workers = opts.gpus or default_workers(device)
     pick_device(device, workers)  # raises if this machine cannot host that many
-    models = [opts.model] if opts.model else [f"switch-base-{e}" for e in opts.experts]
-    for m in models:
-        resolve(m)  # fail here, in one line, rather than in every worker
-    run_id = uuid.uuid4().hex[:8]
+    models = models_of(opts)
+    configs = {m: resolve(m).config for m in models}  # fail here, in one line, rather than in every worker
+    reclaim_orphans()
+    check_room({m: shared_bytes(c, workers) for m, c in configs.items()})
+    run_id = new_run_id()
     job = BenchJob(run_id=run_id, models=models, batch_sizes=opts.batch_sizes, seq_len=opts.seq_len, skews=opts.skews,
                    hot_experts=opts.hot_experts, seed=opts.seed, systems=opts.systems, iters=opts.iters, warmup=opts.warmup,
                    capacity_factor=opts.capacity_factor, per_layer=opts.per_layer, device=device,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from rich.console import Console
 from rich import box
@@ -12,6 +13,9 @@ from rich.table import Table
 
 from moeshard_cli.files import write_atomic, write_json_atomic
 from moeshard_cli.ui import quantile
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def median(cell: dict) -> float | None:
@@ -71,39 +75,194 @@ def write_json(path: Path, result: dict) -> None:
     write_json_atomic(path, json.loads(json.dumps(result, default=str)))
 
 
-def plot(path: Path, result: dict) -> None:
-    """Speedup of moeshard over each baseline against experts and against batch size (Figure 3)."""
+# Fixed per system, so every figure colors a system the same way.
+SYSTEM_COLORS = {"moeshard": "tab:blue", "deepspeed": "tab:red", "deepspeed-dropless": "tab:orange",
+                 "ep": "tab:green", "hf": "tab:purple"}
+# The sweep axes, in the key order of `speedups`: cell key -> (axis label, how a value reads in a title or legend).
+AXES = {"experts": ("experts E", "E={:g}"), "batch_size": ("batch size (sequences per worker)", "B={:g}"),
+        "skew": ("skew", "skew {:g}")}
+STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]  # one per combination of the other swept axes
+
+
+def measured(cells: list[dict]) -> list[dict]:
+    return [c for c in cells if not c.get("skipped") and c.get("samples")]
+
+
+def swept_axes(cells: list[dict]) -> list[str]:
+    """The axes with more than one value among the measured cells."""
+    return [a for a in AXES if len({c[a] for c in cells}) > 1]
+
+
+def systems_of(records: list[dict]) -> list[str]:
+    """moeshard first, then the baselines, in a fixed order."""
+    present = {r["system"] for r in records}
+    return [s for s in SYSTEM_COLORS if s in present] + sorted(present - set(SYSTEM_COLORS))
+
+
+def color(system: str) -> str:
+    return SYSTEM_COLORS.get(system, "tab:gray")
+
+
+def describe(values: dict) -> str:
+    return ", ".join(AXES[a][1].format(v) for a, v in values.items())
+
+
+def latency_ms(cell: dict) -> tuple[float, float, float]:
+    """Median, p10 and p90 of the cell's TTFT in ms."""
+    s = cell["samples"]
+    return median(cell) * 1e3, quantile(s, 0.1) * 1e3, quantile(s, 0.9) * 1e3
+
+
+def speedup_records(cells: list[dict]) -> list[dict]:
+    """One record per (configuration, baseline), shaped like a cell: its sweep keys, the baseline as
+    `system`, and moeshard's speedup over it as `up`."""
+    return [dict(zip(AXES, key), system=base, up=up) for key, by_base in speedups(cells).items() for base, up in by_base.items()]
+
+
+def line_groups(records: list[dict], axis: str, swept: list[str]) -> tuple[list[str], list[tuple], str]:
+    """The other swept axes, their value combinations that get one line each along `axis`, and a
+    note for the panel title. Past len(STYLES) combinations the lines stop being tellable apart, so
+    the other axes are pinned to their first value instead."""
+    others = [a for a in swept if a != axis]
+    combos = sorted({tuple(r[a] for a in others) for r in records})
+    if len(combos) > len(STYLES):
+        return others, combos[:1], f" (at {describe(dict(zip(others, combos[0])))})"
+    return others, combos, ""
+
+
+def draw_lines(ax, records: list[dict], axis: str, swept: list[str], y: Callable[[dict], tuple[float, float, float]]) -> str:
+    """One line per system and combination of the other swept axes; `y(record)` is (value, low, high),
+    drawn as error bars where low < high. Returns the panel-title note of `line_groups`."""
+    from matplotlib.lines import Line2D
+
+    others, combos, note = line_groups(records, axis, swept)
+    for system in systems_of(records):
+        for (ls, marker), combo in zip(STYLES, combos):
+            pts = sorted((r[axis], *y(r)) for r in records if r["system"] == system and tuple(r[a] for a in others) == combo)
+            if not pts:
+                continue
+            x, mid, lo, hi = zip(*pts)
+            spread = [[m - v for m, v in zip(mid, lo)], [v - m for m, v in zip(mid, hi)]]
+            ax.errorbar(x, mid, yerr=spread if any(map(any, spread)) else None, color=color(system), ls=ls,
+                        marker=marker, ms=5, capsize=3)
+    if len(combos) > 1:  # colors are in the figure legend; this one says which line style is which
+        ax.legend(handles=[Line2D([], [], color="black", ls=ls, marker=marker, ms=5, label=describe(dict(zip(others, combo))))
+                           for (ls, marker), combo in zip(STYLES, combos)], fontsize=8)
+    return note
+
+
+def log_y_if_wide(ax, values: list[float]) -> None:
+    """Log scale once the values span more than 10x, ticked 1, 2, 5 per decade in plain numbers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    if values and max(values) > 10 * min(values):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}"))
+        ax.yaxis.set_minor_locator(NullLocator())
+
+
+def set_x_ticks(ax, axis: str, values: list) -> None:
+    """Ticks at exactly the swept values; experts and batch sizes double, so log2 spaces them evenly."""
+    from matplotlib.ticker import NullLocator
+
+    if axis != "skew":
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(values, [f"{v:g}" for v in values])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel(AXES[axis][0])
+
+
+def draw_latency(ax, cells: list[dict], axis: str, swept: list[str]) -> None:
+    note = draw_lines(ax, cells, axis, swept, latency_ms)
+    log_y_if_wide(ax, [median(c) * 1e3 for c in cells])
+    ax.set_ylabel("TTFT ms (median, p10-p90)")
+    ax.set_title(f"latency per system{note}", fontsize=10)
+
+
+def draw_speedup(ax, cells: list[dict], axis: str, swept: list[str]) -> None:
+    records = speedup_records(cells)
+    note = draw_lines(ax, records, axis, swept, lambda r: (r["up"],) * 3)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    log_y_if_wide(ax, [r["up"] for r in records] + [1.0])
+    ax.set_ylabel("moeshard speedup (baseline ms / moeshard ms)", fontsize=9)
+    ax.set_title(f"speedup of moeshard over each baseline{note}", fontsize=10)
+
+
+def draw_bars(ax, cells: list[dict]) -> None:
+    """A single configuration: one bar per system, its median and moeshard's speedup written above it."""
+    by_system = {c["system"]: c for c in cells}
+    names = systems_of(cells)
+    ms = [latency_ms(by_system[s]) for s in names]
+    ax.bar(names, [m for m, _, _ in ms], color=[color(s) for s in names], width=0.6,
+           yerr=[[m - lo for m, lo, _ in ms], [hi - m for m, _, hi in ms]], capsize=4)
+    ups = {r["system"]: r["up"] for r in speedup_records(cells)}
+    for x, (s, (m, _, hi)) in enumerate(zip(names, ms)):
+        label = f"{m:,.0f} ms" + (f"\nmoeshard {ups[s]:.2f}x faster" if s in ups else "")
+        ax.annotate(label, (x, hi), xytext=(0, 4), textcoords="offset points", ha="center", va="bottom", fontsize=9)
+    ax.margins(y=0.2)
+    ax.yaxis.set_major_formatter("{x:,.0f}")
+    ax.set_ylabel("TTFT ms (median, p10-p90)")
+    ax.set_title("latency per system", fontsize=10)
+
+
+def titles(result: dict, cells: list[dict], swept: list[str]) -> tuple[str, str, str]:
+    """What ran, its settings (every axis not swept included) and on what machine."""
+    cfg = result["config"]
+    models = sorted({c["model"] for c in cells})
+    model = cfg.get("model") or (models[0] if len(models) == 1 else "switch-base-E")
+    settings = [f"seq {cfg['seq_len']}", describe({a: cells[0][a] for a in AXES if a not in swept and a != "experts"}),
+                f"{cfg['hot_experts'] * 100:g}% hot experts"]
+    if any(c["system"] == "deepspeed" for c in cells):  # the dropless variant has no capacity to set
+        cf = cfg.get("capacity_factor")
+        settings.append(f"DeepSpeed capacity factor {cf:g}" if cf is not None else "DeepSpeed capacity factor min(E, 50)")
+    machine = result.get("machine", {})
+    cpu = f"{machine['cpu']} ({machine['cores']} cores)" if machine.get("cores") else machine.get("cpu")
+    return (f"moeshard bench: {model}, {cfg['workers']} workers on {cfg['device']}", ", ".join(s for s in settings if s),
+            " + ".join(h for h in (cpu, machine.get("gpu")) if h))
+
+
+def figure(result: dict) -> Figure:
+    """The Figure-3 style figure: per swept axis, a column with each system's latency above moeshard's
+    speedup over each baseline; a single configuration gets bars instead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    ups = speedups(result["cells"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, axis, label in ((axes[0], 0, "experts"), (axes[1], 1, "batch size (sequences per worker)")):
-        plotted = 0
-        series: dict[tuple, list] = {}
-        for (E, B, skew), by_base in ups.items():
-            for base, up in by_base.items():
-                other = B if axis == 0 else E
-                series.setdefault((base, skew, other), []).append(((E, B)[axis], up))
-        for (base, skew, other), pts in sorted(series.items()):
-            if len(pts) < 2:  # a single point is not a curve along this axis
-                continue
-            pts.sort()
-            fixed = f"batch {other}" if axis == 0 else f"E={other}"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"vs {base}, skew {skew:g}, {fixed}")
-            plotted += 1
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel(label)
-        ax.set_ylabel("TTFT speedup of moeshard")
-        if axis == 0:
-            ax.set_xscale("log", base=2)
-        if plotted:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "sweep has a single point on this axis", ha="center", transform=ax.transAxes)
-    fig.suptitle(f"moeshard bench: {result['config']['workers']} workers on {result['config']['device']}")
-    fig.tight_layout()
+    cells = measured(result["cells"])
+    if not cells:  # the bench still finished; its table says why each cell was skipped
+        fig = plt.figure(figsize=(7, 2.5))
+        fig.text(0.5, 0.5, "moeshard bench: nothing to plot, every cell was skipped", ha="center", va="center")
+        return fig
+    swept = swept_axes(cells)
+    rows = 2 if swept and speedup_records(cells) else 1
+    cols = max(1, len(swept))
+    width = 1.5 + 5.5 * cols if swept else max(7.0, 1.7 * len(cells))  # bars: room for each label
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 1.8 + 3.6 * rows), squeeze=False)
+    if not swept:
+        draw_bars(axes[0][0], cells)
+    for col, axis in enumerate(swept):
+        draw_latency(axes[0][col], cells, axis, swept)
+        if rows == 2:
+            draw_speedup(axes[1][col], cells, axis, swept)
+        for row in range(rows):
+            set_x_ticks(axes[row][col], axis, sorted({c[axis] for c in cells}))
+    inch = 1 / fig.get_figheight()  # the title block and the legend are sized in inches
+    for y, text, size, shade in zip((0.15, 0.45, 0.72), titles(result, cells, swept), (12, 10, 8), ("black", "black", "dimgray")):
+        fig.text(0.5, 1 - y * inch, text, ha="center", va="top", fontsize=size, color=shade)
+    if swept:
+        fig.legend(handles=[Line2D([], [], color=color(s), marker="o", label=s) for s in systems_of(cells)],
+                   loc="lower center", ncol=5, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.4 * inch if swept else 0, 1, 1 - 1.0 * inch))
+    return fig
+
+
+def plot(path: Path, result: dict) -> None:
+    """Write `figure(result)` as a PNG (Figure 3 of the paper)."""
+    fig = figure(result)
+    import matplotlib.pyplot as plt
+
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

@@ -13,11 +13,16 @@ disjoint experts in parallel.
 from __future__ import annotations
 
 
+import os
+import re
+import shutil
+import uuid
 from pathlib import Path
 
 import torch
 
 from moeshard_cli.shard.sources import Source
+from moeshard_cli.errors import UserError
 from moeshard_cli.moe.experts import padded_width
 from moeshard_cli.switch import expert_key, expert_layers as _expert_layers, join_expert, slice_expert
 
@@ -72,6 +77,11 @@ class SharedExperts:
         return wi, wo
 
 
+def new_run_id() -> str:
+    """Names this bench's shared files; the launcher's pid in it tells a later bench whether they are orphans."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
 def shm_path(run_id: str, num_experts: int) -> Path:
     return SHM_DIR / f"moeshard-bench-{run_id}-E{num_experts}.bin"
 
@@ -79,6 +89,38 @@ def shm_path(run_id: str, num_experts: int) -> Path:
 def remove_run_files(run_id: str) -> None:
     for p in SHM_DIR.glob(f"moeshard-bench-{run_id}-*.bin"):
         p.unlink(missing_ok=True)
+
+
+def reclaim_orphans() -> list[Path]:
+    """Remove the shared experts of benches whose launcher is gone (a SIGKILLed bench leaves ~1 GB behind)."""
+    removed = []
+    for p in SHM_DIR.glob("moeshard-bench-*-*.bin"):
+        m = re.match(r"moeshard-bench-(\d+)-", p.name)
+        if m and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_room(needs: dict[str, int]) -> None:
+    """Every model whose experts fit in memory must also fit in SHM_DIR (Docker gives /dev/shm 64 MiB by
+    default); past that a worker dies of SIGBUS mid-sweep. Models too large for memory are skipped later."""
+    free = shutil.disk_usage(SHM_DIR).free
+    ram = available_memory()
+    for name, need in needs.items():
+        if need <= 0.85 * ram and need > free:
+            raise UserError(f"bench needs {need / 2**30:.1f} GiB in {SHM_DIR} for the experts of {name}, it has {free / 2**30:.1f} GiB free",
+                            f"give it more room (e.g. docker run --shm-size={-(-need // 2**30) + 1}g, or mount -o remount,size=... {SHM_DIR}) or bench fewer experts")
 
 
 def available_memory() -> int:

@@ -91,10 +91,7 @@ def bench_worker(job: BenchJob):
         if any(s.startswith("deepspeed") for s in job.systems):
             from moeshard_cli.bench.deepspeed_moe import init_deepspeed_groups
 
-            try:
-                init_deepspeed_groups()
-            except ImportError:
-                pass  # rows say "deepspeed not installed"
+            init_deepspeed_groups()
         cells = []
         progress = _Progress(job) if job.show_progress and rank == 0 else None
         for model_name in job.models:
@@ -162,12 +159,8 @@ def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, 
 
     systems: dict[str, dict | Skip] = {}
     for name in job.systems:
-        try:
-            built = {i: build_dispatch(name, i, config, shared, comm, timer, act, backend, job.capacity_factor, free) for i in layers}
-        except ImportError as exc:
-            built = Skip(f"{exc.name or 'a dependency'} is not installed")
-        skip = next((d for d in built.values() if isinstance(d, Skip)), None) if isinstance(built, dict) else built
-        systems[name] = skip or built
+        built = {i: build_dispatch(name, i, config, shared, comm, timer, act, backend, job.capacity_factor, free) for i in layers}
+        systems[name] = next((d for d in built.values() if isinstance(d, Skip)), None) or built
 
     cells = []
     for batch in job.batch_sizes:

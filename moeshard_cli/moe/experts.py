@@ -8,6 +8,8 @@ rows of w_out are zero, so they add nothing to the output.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,11 +37,16 @@ def stack_experts(wi_list: list[torch.Tensor], wo_list: list[torch.Tensor]) -> t
 
 
 def megablocks_available() -> bool:
-    try:
-        from megablocks import grouped_gemm_util as gg
-    except Exception:  # not installed, or installed without its compiled kernels
+    """megablocks' grouped GEMM (the grouped_gemm package with its compiled CUDA extension) and a GPU.
+
+    Imports it only when asked: the extension loads CUDA libraries."""
+    if importlib.util.find_spec("grouped_gemm") is None or not torch.cuda.is_available():
         return False
-    return gg.grouped_gemm_is_available() and torch.cuda.is_available()
+    try:
+        import grouped_gemm.ops  # noqa: F401
+    except Exception:  # installed without its compiled kernels, or built against another torch
+        return False
+    return True
 
 
 def check_backend(name: str) -> None:
@@ -50,14 +57,25 @@ def check_backend(name: str) -> None:
 def resolve_backend(name: str, device: torch.device, d_model: int, dtype: torch.dtype) -> str:
     """The backend `name` stands for on this device and model; UserError where it cannot run here."""
     check_backend(name)
-    if name == "megablocks" and not (device.type == "cuda" and megablocks_available()):
-        raise UserError("--expert-backend megablocks needs CUDA and an importable megablocks", "install moeshard[megablocks] on a CUDA machine, or use --expert-backend grouped_mm")
+    if name == "megablocks":
+        _check_megablocks(device, dtype)
     aligned = (d_model * dtype.itemsize) % 16 == 0
     if name == "grouped_mm" and not aligned:
         raise UserError(f"grouped_mm needs d_model*itemsize to be a multiple of 16 bytes (d_model={d_model})", "use --expert-backend loop")
     if name == "auto":
         return "grouped_mm" if aligned else "loop"
     return name
+
+
+def _check_megablocks(device: torch.device, dtype: torch.dtype) -> None:
+    if device.type != "cuda":
+        raise UserError("--expert-backend megablocks runs on CUDA only", "use --device cuda on a GPU machine, or --expert-backend grouped_mm")
+    if dtype != torch.bfloat16:  # grouped_gemm's kernels take bfloat16 only
+        raise UserError(f"--expert-backend megablocks needs a bfloat16 shard set, not {str(dtype).removeprefix('torch.')}",
+                        "re-shard with --dtype bfloat16, or use --expert-backend grouped_mm")
+    if not megablocks_available():
+        raise UserError("--expert-backend megablocks needs megablocks' grouped GEMM (package grouped_gemm), not importable here",
+                        "TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation grouped_gemm (see docs/gpu.md), or use --expert-backend grouped_mm")
 
 
 class GroupedExperts(nn.Module):
@@ -101,10 +119,10 @@ class GroupedExperts(nn.Module):
         return out_ND
 
     def _megablocks(self, x_ND, counts_E, w_in_EDF, w_out_EFD):
-        # megablocks' grouped GEMM (the CUTLASS kernels of the grouped_gemm package) takes
-        # per-expert row counts on the host and [E, K, N] weights when trans_b is False.
-        from megablocks import grouped_gemm_util as gg
+        # megablocks' grouped GEMM takes bfloat16, per-expert row counts as a host int64 tensor,
+        # and [E, K, N] weights when trans_b is False.
+        from grouped_gemm import ops
 
-        batch_sizes = counts_E.to(torch.int64)
-        h_NF = self.act(gg.ops.gmm(x_ND.contiguous(), w_in_EDF, batch_sizes, trans_b=False))
-        return gg.ops.gmm(h_NF.contiguous(), w_out_EFD, batch_sizes, trans_b=False)
+        batch_sizes_E = counts_E.to(torch.int64)
+        h_NF = self.act(ops.gmm(x_ND.contiguous(), w_in_EDF, batch_sizes_E, trans_b=False))
+        return ops.gmm(h_NF.contiguous(), w_out_EFD, batch_sizes_E, trans_b=False)

@@ -20,8 +20,9 @@ from pathlib import Path
 from moeshard_cli import __version__
 from moeshard_cli.errors import Interrupted, UserError
 from moeshard_cli.launch import check_device, launch, pick_device
+from moeshard_cli.model import ATTENTIONS
 from moeshard_cli.moe.experts import BACKENDS, check_backend
-from moeshard_cli.options import at_least, check_router_flags, endpoint, flag, positive
+from moeshard_cli.options import at_least, check_router_flags, endpoint, flag
 from moeshard_cli.shard.manifest import MANIFEST, ShardSet, check_files, default_shard_set, read_shard_set
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.run import outputs
@@ -44,6 +45,7 @@ class RunOptions:
     window: int = 8192
     pooling: str = "mean"
     normalize: bool = False
+    attention: str = "eager"
     device: str = "auto"
     backend: str = "auto"
     router: str = "model"
@@ -69,12 +71,14 @@ class RunOptions:
         at_least("--batch-size", self.batch_size, 1, "32")
         at_least("--max-length", self.max_length, 2, "512 (room for one token and the end-of-sequence token)")
         at_least("--window", self.window, 1, "8192")
-        positive("--timeout", self.timeout, "300")
+        at_least("--timeout", self.timeout, 1, "300")
         check_router_flags(self.router, [self.skew], self.hot_experts)
         with flag("--device", "use auto, cpu or cuda"):
             check_device(self.device)
         with flag("--expert-backend", f"use one of {', '.join(BACKENDS)}"):
             check_backend(self.backend)
+        if self.attention not in ATTENTIONS:
+            raise UserError(f"--attention {self.attention} is unknown", f"use one of {', '.join(ATTENTIONS)}")
         at_least("--nnodes", self.nnodes, 1, "2")
         if not 0 <= self.node_rank < self.nnodes:
             raise UserError(f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1}", "number the nodes 0 to --nnodes - 1, with 0 on the node at --rdzv-endpoint")
@@ -165,10 +169,10 @@ def run(opts: RunOptions) -> RunSummary:
                      router=opts.router_spec, timeout=opts.timeout, fingerprint=digest,
                      start=state.position if state else Position(), lines_done=state.lines_done if state else 0,
                      layout=state.layout if state else None, journal=str(outputs.journal_path(output)) if state else None,
-                     show_progress=opts.show_progress)
+                     show_progress=opts.show_progress, attention=opts.attention)
         if opts.nnodes > 1:
             print(f"node {opts.node_rank} of {opts.nnodes}: waiting up to {opts.timeout:g} s for the other nodes at {opts.rdzv_endpoint}",
-                  file=sys.stderr, flush=True)
+                  flush=True)
         try:
             returned = launch(worker_main, job, world, opts.nnodes, opts.node_rank, opts.rdzv_endpoint, opts.debug, timeout=opts.timeout)
         except (UserError, Interrupted) as exc:
@@ -278,7 +282,7 @@ def _fingerprint(opts: RunOptions, info: InputInfo, shards: ShardSet, device: st
         "shards": {"manifest_sha256": _sha256(shards.root / MANIFEST), "world_size": shards.world_size},
         "options": {"pooling": opts.pooling, "normalize": opts.normalize, "max_length": opts.max_length,
                     "batch_size": opts.batch_size, "window": window, "router": asdict(opts.router_spec),
-                    "device": device, "expert_backend": opts.backend, "format": fmt},
+                    "device": device, "expert_backend": opts.backend, "attention": opts.attention, "format": fmt},
     }
 
 
@@ -288,7 +292,7 @@ def _metadata(opts: RunOptions, info: InputInfo, shards: ShardSet, digest: str) 
         "format": "pt", "source": shards.source_label, "source_kind": str(source.get("kind")),
         "source_revision": str(source.get("revision")), "shards": str(shards.root), "world_size": str(shards.world_size),
         "dtype": shards.dtype, "pooling": opts.pooling, "normalize": str(opts.normalize).lower(), "router": opts.router,
-        "max_length": str(opts.max_length), "input": str(info.path), "input_sha256": info.sha256, "lines": str(info.lines),
+        "max_length": str(opts.max_length), "attention": opts.attention, "input": str(info.path), "input_sha256": info.sha256, "lines": str(info.lines),
         "moeshard_version": __version__, "run_fingerprint": digest,
     }
 

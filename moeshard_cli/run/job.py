@@ -33,6 +33,7 @@ class RunJob:
     layout: OutputLayout | None  # node 0 only: rank 0 writes
     journal: str | None
     show_progress: bool = True
+    attention: str = "eager"
 
 
 @record

@@ -32,6 +32,7 @@ from moeshard_cli.run.feed import Position
 
 FORMATS = {".safetensors": "safetensors", ".npy": "npy"}
 ROW_DTYPE = np.dtype("<f4")
+_sync_data = getattr(os, "fdatasync", os.fsync)  # the rows must be on disk before the journal names them
 _MAX_TOKENS_DIGITS = 10**15  # sizes the reserved header of --pooling none before the token count is known
 
 
@@ -296,7 +297,7 @@ class RowWriter:
                     for offset, rows in places:
                         _pwrite_all(self._fd, np.ascontiguousarray(rows).data.cast("B"), offset)
                 if any(places for places, _ in work):
-                    os.fdatasync(self._fd) if hasattr(os, "fdatasync") else os.fsync(self._fd)
+                    _sync_data(self._fd)
                 if work:
                     os.write(self._journal, "".join(json.dumps(record) + "\n" for _, record in work).encode())
                 if group[-1] is None:

@@ -19,15 +19,11 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from moeshard_cli.errors import UserError
-from moeshard_cli.launch import worker_process_group
+from moeshard_cli.launch import release_free_memory, worker_process_group
 from moeshard_cli.shard.manifest import read_shard_set
-from moeshard_cli.dtypes import DTYPES
-from moeshard_cli.model import build_sharded_encoder
-from moeshard_cli.switch import switch_config
-from moeshard_cli.moe.dispatch import ShardedDispatch
+from moeshard_cli.model import sharded_encoder
 from moeshard_cli.moe.exchange import Collectives
-from moeshard_cli.moe.experts import GroupedExperts, resolve_backend
-from moeshard_cli.moe.layer import ShardedSparseMLP, TokenContext, token_ids_for
+from moeshard_cli.moe.layer import token_ids_for
 from moeshard_cli.moe.timing import SectionTimer
 from moeshard_cli.run.feed import PlannedWindow, Position, WindowFeed
 from moeshard_cli.run.job import RunJob
@@ -63,34 +59,18 @@ class _Encoder:
         feed = WindowFeed(Path(job.input), _tokenizer(job.shards), job.max_length, job.window, job.batch_size,
                           self.start, rank, world, side)
         try:
-            model, mlps, backend, timer = self._build()
+            timer = SectionTimer(self.device)
+            self.encoder = sharded_encoder(read_shard_set(Path(job.shards)), rank, self.device, job.backend, job.router,
+                                           Collectives(timer=timer), timer, job.attention)
             writer = RowWriter(job.layout, Path(job.journal)) if rank == 0 else None
             try:
-                stats = self._loop(feed, model, writer, timer)
+                stats = self._loop(feed, self.encoder.model, writer, timer)
             finally:
                 if writer is not None:
                     writer.close()
         finally:
             feed.close()
-        return self._report(stats, mlps, backend, timer)
-
-    def _build(self):
-        job = self.job
-        shards = read_shard_set(Path(job.shards))
-        config = switch_config(shards.config)
-        timer = SectionTimer(self.device)
-        self.ctx, comm = TokenContext(), Collectives(timer=timer)
-        backend = resolve_backend(job.backend, self.device, config.d_model, DTYPES[shards.dtype])
-        mlps: dict[int, ShardedSparseMLP] = {}
-
-        def make(layer, _config, w_in_EDF, w_out_EFD):
-            dispatch = ShardedDispatch(GroupedExperts(w_in_EDF, w_out_EFD, _act(config), backend), comm, timer)
-            mlps[layer] = ShardedSparseMLP(config.d_model, config.num_experts, config.router_bias, dispatch, job.router, self.ctx, layer)
-            return mlps[layer]
-
-        model, _ = build_sharded_encoder(shards, self.rank, self.device, make)
-        self.pad_id = config.pad_token_id or 0
-        return model, mlps, backend, timer
+        return self._report(stats, self.encoder.mlps, self.encoder.backend, timer)
 
     @torch.inference_mode()
     def _loop(self, feed: WindowFeed, model, writer: RowWriter | None, timer) -> dict:
@@ -101,6 +81,7 @@ class _Encoder:
         started = time.perf_counter()
         try:
             for pw in feed:
+                release_free_memory()  # once a window: what the last one freed must not pile up
                 first = self.start.step if pw.first_line == self.start.line else 0
                 stats["truncated"] += pw.truncated
                 stats["token_end"] = pw.token_base + pw.tokens
@@ -137,17 +118,17 @@ class _Encoder:
         if mine:
             rows = [pw.ids[i] for i in mine]
             lengths = torch.tensor([len(r) for r in rows])
-            ids = pad_sequence(rows, batch_first=True, padding_value=self.pad_id).long()
+            ids = pad_sequence(rows, batch_first=True, padding_value=self.encoder.pad_id).long()
             if ids.shape[1] == 0:  # every line empty, and a tokenizer without end-of-sequence token
-                ids = torch.full((len(rows), 1), self.pad_id)
+                ids = torch.full((len(rows), 1), self.encoder.pad_id)
             mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
             gid = token_ids_for([pw.first_line + i for i in mine], ids.shape[1])
             stats["tokens"] += int(lengths.sum())
             stats["padded"] += ids.numel()
         else:  # no line left for this rank in this step: it still joins every collective, on padding
-            ids, mask, gid = torch.full((1, 1), self.pad_id), torch.zeros((1, 1), dtype=torch.long), torch.zeros((1, 1), dtype=torch.long)
+            ids, mask, gid = torch.full((1, 1), self.encoder.pad_id), torch.zeros((1, 1), dtype=torch.long), torch.zeros((1, 1), dtype=torch.long)
         ids, mask, gid = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), gid.to(device, non_blocking=True)
-        self.ctx.set_batch(mask, gid)
+        self.encoder.ctx.set_batch(mask, gid)
         hidden_BSD = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
         if self.job.pooling == "mean":
             weights_BS1 = mask[:, :, None].to(hidden_BSD.dtype)
@@ -219,14 +200,8 @@ def _tokenizer(shards: str):
     try:
         return AutoTokenizer.from_pretrained(shards)
     except Exception as exc:
-        raise UserError(f"cannot load the tokenizer saved in {shards} ({type(exc).__name__})",
-                        "re-shard from a checkpoint that ships its tokenizer files") from exc
-
-
-def _act(config):
-    from transformers.activations import ACT2FN
-
-    return ACT2FN[config.dense_act_fn]
+        raise UserError(f"cannot load the tokenizer saved in {shards} ({type(exc).__name__}: {str(exc).strip()[:120]})",
+                        "re-shard with this version of moeshard, which stores it as tokenizer.json") from exc
 
 
 def _timeout(job: RunJob):

@@ -12,11 +12,8 @@ import re
 import zlib
 from typing import TYPE_CHECKING
 
-import torch
-
-from moeshard_cli.switch import parse_expert_key
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the names here are read by `moeshard --help`, which must not wait for torch
+    import torch
     from transformers import SwitchTransformersConfig
 
 DEFAULT_MODEL = "tiny-switch"
@@ -58,6 +55,8 @@ def init_std(name: str, config: SwitchTransformersConfig) -> float | None:
         return None
     if name.endswith("router.classifier.weight") or name == "shared.weight":
         return 1.0
+    from moeshard_cli.switch import parse_expert_key
+
     if parse_expert_key(name):
         return d**-0.5
     if name.endswith("mlp.wo.weight"):
@@ -71,6 +70,8 @@ def init_std(name: str, config: SwitchTransformersConfig) -> float | None:
 
 def random_tensor(name: str, shape: tuple[int, ...], config: SwitchTransformersConfig, seed: int = SEED) -> torch.Tensor:
     """The built-in weight called `name`: the same bytes in every process, for every seed."""
+    import torch
+
     std = init_std(name, config)
     if std is None:
         return torch.ones(shape)

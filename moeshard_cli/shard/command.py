@@ -19,7 +19,7 @@ import torch
 
 from moeshard_cli import __version__
 from moeshard_cli.shard.sources import TOKENIZER_FILES, Source, resolve
-from moeshard_cli.errors import UserError
+from moeshard_cli.errors import Interrupted, UserError
 from moeshard_cli.dtypes import DTYPES
 from moeshard_cli.files import is_temporary, write_json_atomic
 from moeshard_cli.shard.manifest import DEFAULT_ROOT, FORMAT_VERSION, MANIFEST
@@ -167,6 +167,7 @@ def shard(opts: ShardOptions, progress=None) -> ShardResult:
     out = opts.out or default_out(source_arg, world)
     if source.path and out.exists() and out.resolve() == Path(source.path).resolve():
         raise UserError(f"--out {out} is the source itself", "write the new shard set to another directory")
+    source.prepare_tokenizer()  # may convert spiece.model: fails before --out is touched
     created = not out.exists()
     prepare_out(out, force)
 
@@ -217,6 +218,8 @@ def shard(opts: ShardOptions, progress=None) -> ShardResult:
             raise UserError(f"disk full while writing {out}", "free space (the shard set needs about the checkpoint's encoder size) or choose another --out") from exc
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             raise UserError(f"cannot write the shard set to {out} ({exc.strerror})", "check the directory's permissions and free space") from exc
+        if isinstance(exc, Interrupted):
+            raise Interrupted(exc.signum, f"nothing of the shard set in {out} was kept") from None
         raise
     seconds = time.perf_counter() - start
     return ShardResult(out, source, world, dtype_name, bounds, files, seconds, sum(f["bytes"] for f in files), sparse)

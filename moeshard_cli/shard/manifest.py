@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeshard_cli.dtypes import DTYPES
 from moeshard_cli.errors import UserError
 from moeshard_cli.files import write_json_atomic
 
@@ -64,9 +65,38 @@ def read_shard_set(root: Path) -> ShardSet:
         data = json.loads(manifest.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{manifest} is corrupt ({exc})", "re-run `moeshard shard ... --force` to rewrite the shard set") from exc
-    if data.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{manifest} has format version {data.get('format_version')}, this moeshard reads {FORMAT_VERSION}", "re-shard with this version of moeshard")
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        version = data.get("format_version") if isinstance(data, dict) else None
+        raise UserError(f"{manifest} has format version {version}, this moeshard reads {FORMAT_VERSION}", "re-shard with this version of moeshard")
+    problem = _schema_problem(data)
+    if problem:
+        raise UserError(f"{manifest} is corrupt ({problem})", "re-run `moeshard shard ... --force` to rewrite the shard set")
     return ShardSet(root, data)
+
+
+# What `run` and `bench` read from a manifest, and the type each must have.
+_FIELDS = {"world_size": int, "dtype": str, "config": dict, "slices": list, "files": list, "source": dict}
+_FILE_FIELDS = {"rank": int, "name": str, "bytes": int, "sha256": str}
+
+
+def _schema_problem(data: dict) -> str | None:
+    for key, kind in _FIELDS.items():
+        if key not in data:
+            return f"no {key!r}"
+        if not isinstance(data[key], kind) or isinstance(data[key], bool):
+            return f"{key!r} is {data[key]!r}, not a {kind.__name__}"
+    if data["world_size"] < 1:
+        return f"world size {data['world_size']}"
+    if data["dtype"] not in DTYPES:
+        return f"unknown dtype {data['dtype']!r}"
+    if not isinstance(data["source"].get("id"), str):
+        return "no source id"
+    for entry in data["files"]:
+        if not isinstance(entry, dict) or any(not isinstance(entry.get(k), kind) for k, kind in _FILE_FIELDS.items()):
+            return f"a rank file entry lacks one of {', '.join(_FILE_FIELDS)}"
+    if any(not (isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s)) for s in data["slices"]):
+        return "a slice is not [lo, hi]"
+    return None
 
 
 def check_files(shards: ShardSet, verify: bool = False, ranks: list[int] | None = None) -> None:

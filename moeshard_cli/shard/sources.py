@@ -4,6 +4,11 @@ A `Source` is a config plus an ordered list of `TensorEntry`s whose `load()` rea
 tensor. Three kinds: built-in random models, local `save_pretrained` directories
 (safetensors or pytorch_model.bin, single or sharded), and hub ids fetched with
 huggingface_hub. Nothing here holds more than one tensor at a time.
+
+Tokenizers: a source whose tokenizer is only a SentencePiece `spiece.model` (the T5 family's
+format, e.g. google/switch-base-*) gets a fast `tokenizer.json` converted once, at shard time,
+by transformers' own converter. Reading spiece.model needs `sentencepiece` and `protobuf`;
+reading tokenizer.json needs only `tokenizers`, so `run` does not need them.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class Source:
     revision: str | None = None
     tokenizer_dir: Path | None = None  # where tokenizer files live; None for built-ins
     extra: dict = field(default_factory=dict)
+    _converted: object = field(default=None, repr=False, compare=False)  # fast tokenizer from spiece.model
 
     def describe(self) -> dict:
         return {"kind": self.kind, "id": self.label, "revision": self.revision, "path": self.path}
@@ -70,7 +76,39 @@ class Source:
             if src.is_file():
                 shutil.copyfile(src, out_dir / name)
                 copied.append(name)
-        return copied
+        if not self._needs_conversion():
+            return copied
+        # Writes tokenizer.json and a tokenizer_config.json that matches it (over the copied one).
+        # spiece.model stays: with tokenizer.json beside it, AutoTokenizer reads only tokenizer.json.
+        self.prepare_tokenizer().save_pretrained(str(out_dir))
+        return [name for name in TOKENIZER_FILES if (out_dir / name).is_file()]
+
+    def prepare_tokenizer(self):
+        """Convert a spiece.model-only tokenizer to a fast one (kept for save_tokenizer); None if no conversion is needed.
+
+        Called before anything is written, so that a missing converter fails the command at once.
+        """
+        if self._converted is not None or not self._needs_conversion():
+            return self._converted
+        from transformers.utils import is_protobuf_available, is_sentencepiece_available
+
+        # Checked here: without them transformers falls back to a tiktoken reader and fails obscurely.
+        missing = [name for name, ok in (("sentencepiece", is_sentencepiece_available()), ("protobuf", is_protobuf_available())) if not ok]
+        if missing:
+            raise UserError(f"the tokenizer of {self.label} is a SentencePiece spiece.model only, and converting it to tokenizer.json "
+                            f"needs the {' and '.join(missing)} package{'s' if len(missing) > 1 else ''}", f"pip install {' '.join(missing)}")
+        from transformers import AutoTokenizer
+
+        try:
+            self._converted = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+        except Exception as exc:
+            raise UserError(f"cannot convert {self.tokenizer_dir / 'spiece.model'} to tokenizer.json ({type(exc).__name__})",
+                            "restore spiece.model from the original checkpoint") from exc
+        return self._converted
+
+    def _needs_conversion(self) -> bool:
+        d = self.tokenizer_dir
+        return d is not None and (d / "spiece.model").is_file() and not (d / "tokenizer.json").is_file()
 
 
 def expected_encoder_tensors(config: SwitchTransformersConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -1,0 +1,244 @@
+"""The console script as users meet it, in real subprocesses: exit codes, one-line errors for
+bad values, a --help that does not wait for torch, readable piped tables, the base install.
+
+Refusals are checked before any worker starts, so each of these takes well under a second of
+moeshard's own time plus the interpreter's start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_popen, invoke, run_cli
+
+
+SCRIPT = Path(sys.executable).with_name("moeshard")  # the console script pip installed beside this python
+
+
+def console_script(args, env: dict | None = None, timeout: float = 60) -> tuple[int, str, str]:
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "moeshard_cli"]
+    proc = subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: ") and ": " in lines[0][len("error: "):], "the line names a problem and a fix"
+    return lines[0]
+
+
+# ---------------------------------------------------------------- usage errors: click's message, exit 2
+
+USAGE = [
+    (["shard", "tiny-switch", "--gpus", "two"], "Invalid value for '--gpus'"),
+    (["shard", "tiny-switch"], "Missing option '--gpus'"),
+    (["run", "--inptu", "x.txt"], "No such option: --inptu"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+    (["bench", "--iters", "many"], "Invalid value for '--iters'"),
+]
+
+
+@pytest.mark.parametrize("args, message", USAGE, ids=[" ".join(a) for a, _ in USAGE])
+def test_usage_errors_exit_2_with_clicks_message(args, message):
+    code, out, err = console_script(args)
+    assert code == 2 and message in err and "Usage: moeshard" in err
+    assert "report it" not in err and "Traceback" not in err
+
+
+def test_help_and_version_import_neither_torch_nor_transformers():
+    probe = textwrap.dedent("""
+        import sys
+        from moeshard_cli.cli import main
+        for argv in (["moeshard", "--help"], ["moeshard", "run", "--help"], ["moeshard", "--version"], ["moeshard", "bench", "--iters", "x"]):
+            sys.argv = argv
+            try:
+                main()
+            except SystemExit:
+                pass
+        print(sorted(m for m in ("torch", "transformers", "deepspeed", "matplotlib") if m in sys.modules), file=sys.stderr)
+    """)
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "100"})
+    assert proc.stderr.strip().splitlines()[-1] == "[]"
+    assert "moeshard 0.1.0" in proc.stdout and "--install-completion" in proc.stdout  # shell completion is on
+
+
+# ---------------------------------------------------------------- bad values: one line, exit 2, before any work
+
+
+@pytest.fixture(scope="module")
+def w2(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "w2"
+    assert invoke(["shard", "tiny-switch", "--gpus", 2, "--out", out])[0] == 0
+    (out.parent / "in.txt").write_text("one line\nanother\n")
+    return out
+
+
+def run_with(w2: Path, *extra) -> list:
+    return ["run", "--shards", w2, "--input", w2.parent / "in.txt", "--output", w2.parent / "o.safetensors", *extra]
+
+
+BAD_RUN = [
+    (["--timeout", "0.5"], "--timeout 0.5 must be at least 1"),
+    (["--timeout", "0"], "--timeout 0 must be at least 1"),
+    (["--timeout", "nan"], "--timeout nan is not a finite number"),
+    (["--nnodes", "0"], "--nnodes 0 must be at least 1"),
+    (["--nnodes", "2", "--rdzv-endpoint", "not-a-host-port"], "--rdzv-endpoint 'not-a-host-port' is not HOST:PORT"),
+    (["--skew", "nan", "--router", "skewed"], "--skew nan is not a finite number"),
+    (["--router", "random"], "--router random is unknown"),
+    (["--batch-size", "0"], "--batch-size 0 must be at least 1"),
+    (["--window", "0"], "--window 0 must be at least 1"),
+    (["--device", "tpu"], "--device tpu is unknown"),
+    (["--expert-backend", "triton"], "--expert-backend triton is unknown"),
+    (["--pooling", "max"], "--pooling max is unknown"),
+    (["--resume", "--restart"], "--resume and --restart exclude each other"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_RUN, ids=[" ".join(a) for a, _ in BAD_RUN])
+def test_bad_run_values_are_one_line(w2, extra, message):
+    code, _, err = invoke(run_with(w2, *extra))
+    assert code == 2 and one_line(err).startswith(f"error: {message}")
+    assert not (w2.parent / "o.safetensors").exists()
+
+
+BAD_BENCH = [
+    (["--skew", "nan"], "--skew nan is not a finite number"),
+    (["--gpus", "0"], "--gpus 0 must be at least 1"),
+    (["--max-cell-seconds", "-1"], "--max-cell-seconds -1 must be positive"),
+    (["--timeout", "0"], "--timeout 0 must be at least 1"),
+    (["--timeout", "-5"], "--timeout -5 must be at least 1"),
+    (["--capacity-factor", "0"], "--capacity-factor 0 must be positive"),
+    (["--device", "tpu"], "--device tpu is unknown"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_BENCH, ids=[" ".join(a) for a, _ in BAD_BENCH])
+def test_bad_bench_values_are_one_line(extra, message):
+    code, out, err = invoke(["bench", *extra])
+    assert code == 2 and one_line(err).startswith(f"error: {message}")
+    assert "estimated time" not in out  # refused before anything started
+
+
+def test_input_that_is_a_directory(w2):
+    code, _, err = invoke(["run", "--shards", w2, "--input", w2.parent, "--output", w2.parent / "o.safetensors"])
+    assert code == 2 and "--input" in one_line(err) and "is a directory" in err
+
+
+@pytest.mark.parametrize("gpus, message", [(0, "--gpus must be at least 1, got 0"), (1000, "1000 CPU workers on")])
+def test_demo_blames_its_own_flag_and_writes_nothing(tmp_path, gpus, message):
+    code, _, err = invoke(["demo", "--gpus", gpus, "--out", tmp_path / "demo"])
+    assert code == 2 and message in one_line(err)
+    assert not (tmp_path / "demo").exists()
+
+
+def _manifest(w2: Path, tmp_path: Path, edit) -> Path:
+    import shutil
+
+    copy = tmp_path / "set"
+    shutil.copytree(w2, copy)
+    data = json.loads((copy / "moeshard.json").read_text())
+    edit(data)
+    (copy / "moeshard.json").write_text(json.dumps(data))
+    return copy
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.pop("files"), "no 'files'"),
+    (lambda d: d.update(world_size="2"), "'world_size' is '2', not a int"),
+    (lambda d: d.update(world_size=0), "world size 0"),
+    (lambda d: d["files"][0].pop("sha256"), "a rank file entry lacks"),
+    (lambda d: d.update(dtype="float8"), "unknown dtype"),
+], ids=["missing-key", "world-size-a-string", "world-size-zero", "file-without-sha", "dtype"])
+def test_a_damaged_manifest_is_one_line(w2, tmp_path, edit, message):
+    shards = _manifest(w2, tmp_path, edit)
+    code, _, err = invoke(run_with(shards))
+    line = one_line(err)
+    assert code == 2 and "moeshard.json is corrupt" in line and message in line and "--force" in line
+
+
+# ---------------------------------------------------------------- nodes that never meet: one line within --timeout
+
+
+@pytest.mark.parametrize("node_rank", [0, 1], ids=["only-node-0", "only-node-1"])
+def test_a_missing_node_is_one_line_within_the_timeout(w2, node_rank):
+    from moeshard_cli.launch import free_port
+
+    start = time.monotonic()
+    code, out, err = run_cli(run_with(w2, "--nnodes", 2, "--node-rank", node_rank, "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                                      "--timeout", 5), timeout=120)
+    assert code == 2 and f"node {node_rank} of 2 could not meet the others" in one_line(err)
+    assert time.monotonic() - start < 5 + 15  # the timeout plus start-up, not minutes
+    assert f"node {node_rank} of 2: waiting up to 5 s" in out  # it says what it waits for
+
+
+# ---------------------------------------------------------------- signals
+
+
+def test_sigterm_during_shard_cleans_up_and_exits_143(tmp_path):
+    out = tmp_path / "set"
+    proc = cli_popen(["shard", "switch-base-8", "--gpus", 2, "--out", out])
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".*.tmp-*")) or max(p.stat().st_size for p in out.glob(".*.tmp-*")) < 8 << 20:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and one_line(err).startswith("error: interrupted (SIGTERM): nothing of the shard set")
+    assert not out.exists(), "temporary rank files were left behind"
+
+
+# ---------------------------------------------------------------- piped tables
+
+
+def test_piped_tables_keep_their_columns(w2):
+    """Not a terminal (as in CI logs or `| tee`), and no COLUMNS: rich must not cut the table to 80 columns."""
+    proc = subprocess.run([sys.executable, "-m", "moeshard_cli", *map(str, run_with(w2, "--restart"))], capture_output=True,
+                          text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "COLUMNS"})
+    assert proc.returncode == 0, proc.stderr
+    assert "wall time (command / encode loop)" in proc.stdout and "\u2026" not in proc.stdout
+
+
+def test_piped_bench_table_keeps_its_columns(monkeypatch):
+    import io
+
+    from moeshard_cli.bench.report import print_tables
+    from moeshard_cli.cli import make_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    result = json.loads((Path(__file__).resolve().parents[1] / "docs" / "results" / "bench-default.json").read_text())
+    console = make_console()
+    console.file = io.StringIO()
+    print_tables(console, result, per_layer=False)
+    text = console.file.getvalue()
+    assert "deepspeed" in text and "\u2026" not in text
+
+
+# ---------------------------------------------------------------- the base install
+
+
+def test_bench_without_its_extra_is_one_line(tmp_path):
+    """A base install has no deepspeed, psutil or matplotlib: hide them from the import system."""
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
+        import sys
+        HIDDEN = {"deepspeed", "psutil", "matplotlib"}
+        class Hide:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in HIDDEN:
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, Hide())
+    """))
+    code, out, err = console_script(["bench", "--plot", tmp_path / "fig.png"], env={"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    line = one_line(err)
+    assert code == 2 and "needs psutil, deepspeed, matplotlib" in line and 'pip install "moeshard[bench]"' in line
+    assert "estimated time" not in out
