@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import random
 import re
 import statistics
 import subprocess
@@ -34,27 +33,14 @@ from pathlib import Path
 
 import torch
 
+from corpora import word_corpus
 from moeshard_cli.dtypes import DTYPES
 from moeshard_cli.files import write_json_atomic
 
-REPO = Path(__file__).resolve().parents[1]
 MOESHARD = [sys.executable, "-m", "moeshard_cli"]
 
 
 # ---------------------------------------------------------------- throughput
-
-
-def make_corpus(path: Path, lines: int, mean_bytes: int) -> None:
-    """Random words of the sample corpus, line lengths uniform in [mean/2, 3*mean/2] bytes (one ByT5 token a byte)."""
-    words = (REPO / "moeshard_cli" / "data" / "sample.txt").read_text().split()
-    rng = random.Random(0)
-    rows = []
-    for _ in range(lines):
-        target, text = rng.randint(mean_bytes // 2, 3 * mean_bytes // 2), ""
-        while len(text) < target:
-            text += rng.choice(words) + " "
-        rows.append(text[:target].strip())
-    path.write_text("\n".join(rows) + "\n")
 
 
 def moeshard(*args) -> None:
@@ -155,7 +141,7 @@ def throughput(args) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     corpus = args.work / "corpus.txt"
-    make_corpus(corpus, args.lines, args.line_bytes)
+    word_corpus(corpus, args.lines, args.line_bytes // 2, 3 * args.line_bytes // 2, seed=0)
     result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}, "rows": []}
     for dtype in args.dtypes:
         shards = args.work / f"{args.model}-w1-{dtype}"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import re
 import subprocess
 import sys
@@ -21,23 +20,7 @@ import time
 from pathlib import Path
 
 import psutil
-
-HERE = Path(__file__).resolve().parent
-
-
-def make_corpus(path: Path, lines: int, length: int) -> None:
-    if path.exists():
-        return
-    words = (HERE.parent / "moeshard_cli" / "data" / "sample.txt").read_text().split()
-    rng = random.Random(lines)
-    with open(path.with_suffix(".tmp"), "w") as f:
-        for _ in range(lines):
-            text = ""
-            while len(text) < length:
-                text += rng.choice(words) + " "
-            f.write(text[:length].strip() + "\n")
-    path.with_suffix(".tmp").rename(path)
-
+from corpora import word_corpus
 
 def peak_rss(pid: int) -> int | None:
     try:
@@ -106,7 +89,8 @@ def main() -> None:
     rows = []
     for n in [int(x) for x in args.lines.split(",")]:
         corpus = args.out / f"corpus-{n}.txt"
-        make_corpus(corpus, n, args.length)
+        if not corpus.exists():
+            word_corpus(corpus, n, args.length, args.length, seed=n)
         rows.append(measure(args, shards, corpus))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     names = ["launcher"] + [f"rank {r}" for r in range(args.workers)]

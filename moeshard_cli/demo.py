@@ -37,7 +37,7 @@ def run_demo(console: Console, gpus: int, out: Path, debug: bool = False) -> flo
 
     output = out / "sample.moeshard.safetensors"
     console.rule(f"2. moeshard run --shards {shards_dir} --input {corpus.name} --batch-size 4")
-    summary = run(RunOptions(input=corpus, shards=shards_dir, output=output, batch_size=4, debug=debug,
+    summary = run(RunOptions(input=corpus, shards=shards_dir, output=output, batch_size=4, debug=debug, restart=True,
                              show_progress=console.is_terminal,
                              argv=["run", "--shards", str(shards_dir), "--input", str(corpus), "--output", str(output), "--batch-size", "4"]))
     print_run_summary(console, summary)

@@ -174,7 +174,8 @@ def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, 
                 mlp.spec = spec
             where = dict(experts=E, model=model_name, batch_size=batch, seq_len=job.seq_len, skew=skew, workers=world)
             cells += _bench_cell(job, model, mlps, systems, clock, ids, mask, where, rank, world, device, progress)
-    del systems, model, mlps
+    del systems, model  # the views into shared memory go before it is unlinked
+    mlps.clear()
     dist.barrier()
     if rank == 0:
         path.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.run import outputs
 from moeshard_cli.run.feed import Position
 from moeshard_cli.run.inputs import InputInfo, scan_input
+from moeshard_cli.run.outputs import output_format
 from moeshard_cli.run.job import RunJob, worker_main
 from moeshard_cli.run.schedule import round_window
 from moeshard_cli.ui import quantile
@@ -88,6 +89,18 @@ class RunOptions:
             endpoint(self.rdzv_endpoint)
         if self.resume and self.restart:
             raise UserError("--resume and --restart exclude each other", "pass --resume to continue the unfinished run, --restart to discard it")
+        if self.node_rank == 0:  # the node that writes: its files are checked before any work
+            outputs.guard_user_files({"--output": self.output_path, "--json": self.json_path}, self.input, self.shards_dir)
+        with flag("--output", "end it in .safetensors, or in .npy for --pooling mean"):
+            output_format(self.output_path, self.pooling)
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.shards or default_shard_set()
+
+    @property
+    def output_path(self) -> Path:
+        return self.output or self.input.with_name(self.input.name + ".moeshard.safetensors")
 
     @property
     def router_spec(self) -> RouterSpec:
@@ -136,19 +149,11 @@ class RunSummary:
         }
 
 
-def default_output(input_path: Path) -> Path:
-    return input_path.with_name(input_path.name + ".moeshard.safetensors")
-
-
 def run(opts: RunOptions) -> RunSummary:
     start = time.perf_counter()
     opts.validate()
-    output = opts.output or default_output(opts.input)
-    shards_dir = opts.shards or default_shard_set()
-    writer_node = opts.node_rank == 0
-    if writer_node:
-        outputs.guard_user_files({"--output": output, "--json": opts.json_path}, opts.input, shards_dir)
-    fmt = outputs.output_format(output, opts.pooling)
+    output, shards_dir, writer_node = opts.output_path, opts.shards_dir, opts.node_rank == 0
+    fmt = output_format(output, opts.pooling)
     shards = read_shard_set(shards_dir)
     world = shards.world_size
     if world % opts.nnodes:

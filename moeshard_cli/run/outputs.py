@@ -37,11 +37,12 @@ _MAX_TOKENS_DIGITS = 10**15  # sizes the reserved header of --pooling none befor
 
 
 def output_format(path: Path, pooling: str) -> str:
+    """The format the file name asks for; ValueError if there is none or it cannot hold `pooling`."""
     fmt = FORMATS.get(path.suffix)
     if fmt is None:
-        raise UserError(f"--output {path} has no known suffix", "end it in .safetensors or .npy")
+        raise ValueError(f"{path} has no known suffix")
     if fmt == "npy" and pooling != "mean":
-        raise UserError("--pooling none cannot be written as .npy (its rows have different lengths)", "use an --output ending in .safetensors")
+        raise ValueError(f"{path} is a .npy file, which cannot hold --pooling {pooling} (lines of different lengths)")
     return fmt
 
 
