@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from corpora import word_corpus
+from common import word_corpus
 from moeshard_cli.dtypes import DTYPES
 from moeshard_cli.files import write_json_atomic
 

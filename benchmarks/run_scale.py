@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import psutil
-from corpora import word_corpus
+from common import shard_set, word_corpus
 
 def peak_rss(pid: int) -> int | None:
     try:
@@ -82,10 +82,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench-scale"))
     args = p.parse_args()
     args.out.mkdir(exist_ok=True)
-    shards = args.out / f"{args.model}-w{args.workers}"
-    if not (shards / "moeshard.json").exists():
-        subprocess.run([sys.executable, "-m", "moeshard_cli", "shard", args.model, "--gpus", str(args.workers), "--out", str(shards)],
-                       check=True, stdout=subprocess.DEVNULL)
+    shards = shard_set(args.out, args.model, args.workers)
     rows = []
     for n in [int(x) for x in args.lines.split(",")]:
         corpus = args.out / f"corpus-{n}.txt"

@@ -1,8 +1,10 @@
-"""Corpora for the benchmark scripts: lines of random words from the bundled sample text."""
+"""What the benchmark scripts share: corpora of random words from the bundled sample text, shard sets made once."""
 
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 WORDS = (Path(__file__).resolve().parents[1] / "moeshard_cli" / "data" / "sample.txt").read_text().split()
@@ -20,3 +22,12 @@ def word_corpus(path: Path, lines: int, min_chars: int, max_chars: int, seed: in
                 text += rng.choice(WORDS) + " "
             f.write(text[:target].strip() + "\n")
     tmp.rename(path)
+
+
+def shard_set(out: Path, model: str, workers: int) -> Path:
+    """`out/<model>-w<workers>`, sharded by `moeshard shard` unless a complete set is already there."""
+    shards = out / f"{model}-w{workers}"
+    if not (shards / "moeshard.json").exists():
+        subprocess.run([sys.executable, "-m", "moeshard_cli", "shard", model, "--gpus", str(workers), "--out", str(shards)],
+                       check=True, stdout=subprocess.DEVNULL)
+    return shards
