@@ -80,17 +80,28 @@ def _expert_major(rows_RD: torch.Tensor, route: Route, experts) -> torch.Tensor:
     return out_RD
 
 
-class ShardedDispatch(Counted):
+class Exchanged(Counted):
+    """dispatch -> the experts on the received rows, expert-major -> combine; subclasses say how rows
+    move and set `experts` and `timer`."""
+
+    def __call__(self, x_TD: torch.Tensor, expert_T: torch.Tensor):
+        received_RD, route = self.dispatch(x_TD, expert_T)
+        with self.timer.section("compute"):
+            out_RD = _expert_major(received_RD, route, self.experts)
+        self.count(x_TD.shape[0])
+        return self.combine(out_RD, route), route.counts_GE
+
+    def dispatch(self, x_TD: torch.Tensor, expert_T: torch.Tensor) -> tuple[torch.Tensor, Route]:
+        raise NotImplementedError
+
+    def combine(self, out_RD: torch.Tensor, route: Route) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ShardedDispatch(Exchanged):
     def __init__(self, experts, comm: Collectives, timer):
         self.experts, self.comm, self.timer = experts, comm, timer
         self.num_experts = experts.num_experts
-
-    def __call__(self, x_TD: torch.Tensor, expert_T: torch.Tensor):
-        gathered_RD, route = self.dispatch(x_TD, expert_T)
-        with self.timer.section("compute"):
-            partial_RD = _expert_major(gathered_RD, route, self.experts)
-        self.count(x_TD.shape[0])
-        return self.combine(partial_RD, route), route.counts_GE
 
     def dispatch(self, x_TD: torch.Tensor, expert_T: torch.Tensor) -> tuple[torch.Tensor, Route]:
         """Every worker's tokens, rank-major, each worker's sorted by expert."""
@@ -106,7 +117,7 @@ class ShardedDispatch(Counted):
         return _unsort(self.comm.reduce_scatter_rows(partial_RD, route.recv_G), route.order_T)
 
 
-class ExpertParallelDispatch(Counted):
+class ExpertParallelDispatch(Exchanged):
     """Whole experts [rank * E/G, (rank + 1) * E/G) on each worker; `experts` holds only those."""
 
     def __init__(self, experts, num_experts: int, comm: Collectives, timer):
@@ -114,13 +125,6 @@ class ExpertParallelDispatch(Counted):
             raise ValueError(f"expert parallelism needs E={num_experts} divisible by the {comm.world} workers")
         self.experts, self.comm, self.timer = experts, comm, timer
         self.num_experts, self.local = num_experts, num_experts // comm.world
-
-    def __call__(self, x_TD: torch.Tensor, expert_T: torch.Tensor):
-        received_RD, route = self.dispatch(x_TD, expert_T)
-        with self.timer.section("compute"):
-            out_RD = _expert_major(received_RD, route, self.experts)
-        self.count(x_TD.shape[0])
-        return self.combine(out_RD, route), route.counts_GE
 
     def dispatch(self, x_TD: torch.Tensor, expert_T: torch.Tensor) -> tuple[torch.Tensor, Route]:
         """This worker's experts' tokens from every worker, rank-major."""
