@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from moeshard_cli.dtypes import DTYPES
@@ -61,9 +60,10 @@ def assign_weights(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def read_rank_file(shards: ShardSet, rank: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Only this rank's file, loaded straight to the target device."""
-    with safe_open(str(shards.rank_file(rank)), framework="pt", device=str(device)) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+    """Only this rank's file, a tensor at a time into memory this process owns, then to the device."""
+    from moeshard_cli.shard.sources import safetensors_entries  # imports transformers: not in the launcher
+
+    return {k: entry.load().to(device) for k, entry in safetensors_entries(shards.rank_file(rank)).items()}
 
 
 def build_sharded_encoder(shards: ShardSet, rank: int, device: torch.device, make_mlp):
@@ -72,7 +72,7 @@ def build_sharded_encoder(shards: ShardSet, rank: int, device: torch.device, mak
     model = meta_encoder(config)
     state = read_rank_file(shards, rank, device)
     experts = split_expert_weights(state)
-    layers = install_moe(model, lambda i: make_mlp(i, config, *stack_experts(*experts[i])))
+    layers = install_moe(model, lambda i: make_mlp(i, config, *stack_experts(*experts.pop(i))))  # per-expert copies go as each layer is stacked
     assign_weights(model, state)
     return model, layers
 

@@ -194,11 +194,12 @@ def _weight_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
     raise UserError(f"{path} has no weights (model.safetensors or pytorch_model.bin)", "pass a directory written by save_pretrained")
 
 
-def _open_safetensors(file: Path) -> dict[str, TensorEntry]:
+def safetensors_entries(file: Path) -> dict[str, TensorEntry]:
     """Check the file (safe_open validates the header) and index its tensors; `load()` preads one tensor.
 
     Not `safe_open(...).get_tensor`: that copies out of a memory map of the whole file, and the
-    pages it touched stay in this process's resident set, which then grows to the checkpoint's size.
+    pages it touched stay in this process's resident set, which then grows to the checkpoint's size
+    (and a worker holding a tensor that still points into the map counts its whole file twice).
     """
     from safetensors import safe_open
 
@@ -295,7 +296,7 @@ def _local_source(path: Path, label: str, kind: str) -> Source:
     fmt, files, _ = _weight_files(path)
     available: dict[str, TensorEntry] = {}
     for file in files:
-        available.update(_open_safetensors(file) if fmt == "safetensors" else _open_bin(file))
+        available.update(safetensors_entries(file) if fmt == "safetensors" else _open_bin(file))
     if not any(parse_expert_key(k) for k in available):
         raise UserError(f"{path} has no encoder expert weights (a dense model?)", "use a Switch Transformers MoE checkpoint")
     if EMBED_KEY not in available and ENCODER_EMBED_KEY in available:
@@ -318,7 +319,7 @@ def _shard_set_source(path: Path, label: str) -> Source:
 
     shards = read_shard_set(path)
     check_files(shards)
-    ranks = [_open_safetensors(shards.rank_file(r)) for r in range(shards.world_size)]
+    ranks = [safetensors_entries(shards.rank_file(r)) for r in range(shards.world_size)]
     config = switch_config(shards.config)
 
     def load(key: str) -> torch.Tensor:
