@@ -309,13 +309,14 @@ def test_a_worker_killed_right_after_spawn_ends_the_run_fast(setup, place):
     """The old launcher blocked forever writing a multi-MB job into a dead worker's pipe."""
     big = place / "big.txt"
     big.write_text(corpus_text(20_000, seed=2), encoding="utf-8")
-    output = place / "spawn-kill.safetensors"
-    run = Run(["run", "--shards", setup[0], "--input", big, "--output", output], place / "spawn-kill", setup[2])
+    output = place / "early-kill.safetensors"
+    run = Run(["run", "--shards", setup[0], "--input", big, "--output", output], place / "early-kill", setup[2])
     deadline = time.monotonic() + 60
     victim = None
     while victim is None:
         assert time.monotonic() < deadline and run.proc.poll() is None
-        kids = [k for k in run.children() if "spawn" in " ".join(_cmdline(k))]
+        # spawn_main: a worker after exec (a fork before exec still shows the launcher's command line)
+        kids = [k for k in run.children() if "spawn_main" in " ".join(_cmdline(k))]
         victim = kids[0] if kids else None
     victim.send_signal(signal.SIGKILL)
     killed = time.monotonic()
