@@ -113,6 +113,11 @@ ATTENTIONS = ("eager", "fused")
 _FUSED = "moeshard_fused"  # a name without "sdpa": transformers refuses sdpa for Switch, which has no support flag
 
 
+def check_attention(name: str) -> None:
+    if name not in ATTENTIONS:
+        raise ValueError(f"{name} is unknown")
+
+
 def use_attention(model, name: str) -> None:
     """eager: transformers' own attention. fused: the same through torch's scaled_dot_product_attention,
     T5's position bias and the padding mask passed as one additive mask (fused kernels on GPUs)."""

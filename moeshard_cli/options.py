@@ -36,18 +36,19 @@ def check_router_flags(kind: str, skews: list[float], hot_experts: float) -> Non
 
 def at_least(name: str, value: float, low: float, example: str) -> None:
     """`value >= low`, and a real number: nan and inf are refused."""
-    if not math.isfinite(value):
-        raise UserError(f"{name} {value} is not a finite number", f"pass e.g. {name} {example}")
-    if value < low:
-        raise UserError(f"{name} {value:g} must be at least {low:g}", f"pass e.g. {name} {example}")
+    _bounded(name, value, value >= low, f"must be at least {low:g}", example)
 
 
 def positive(name: str, value: float, example: str) -> None:
     """`value > 0`, and a real number."""
+    _bounded(name, value, value > 0, "must be positive", example)
+
+
+def _bounded(name: str, value: float, within: bool, bound: str, example: str) -> None:
     if not math.isfinite(value):
         raise UserError(f"{name} {value} is not a finite number", f"pass e.g. {name} {example}")
-    if value <= 0:
-        raise UserError(f"{name} {value:g} must be positive", f"pass e.g. {name} {example}")
+    if not within:
+        raise UserError(f"{name} {value:g} {bound}", f"pass e.g. {name} {example}")
 
 
 def endpoint(value: str) -> tuple[str, int]:

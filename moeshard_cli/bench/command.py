@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from moeshard_cli.bench.deepspeed_moe import deepspeed_version
-from moeshard_cli.bench.systems import SYSTEMS
+from moeshard_cli.bench.systems import SYSTEMS, uses_deepspeed
 from moeshard_cli.bench.weights import SharedExperts, check_room, new_run_id, reclaim_orphans, remove_run_files
 from moeshard_cli.bench.worker import BenchJob, bench_worker
 from moeshard_cli.shard.plan import slice_bounds
@@ -80,10 +80,9 @@ class BenchOptions:
         with flag("--device", "use auto, cpu or cuda"):
             check_device(self.device)
 
-
     def require_extra(self) -> None:
         """The bench's own dependencies are an extra, left out of the base install."""
-        needed = ["psutil"] + ["deepspeed"] * any(s.startswith("deepspeed") for s in self.systems) + ["matplotlib"] * bool(self.plot_path)
+        needed = ["psutil"] + ["deepspeed"] * uses_deepspeed(self.systems) + ["matplotlib"] * bool(self.plot_path)
         missing = [name for name in needed if not _installed(name)]
         if missing:
             raise UserError(f"moeshard bench needs {', '.join(missing)}, which the base install leaves out",
@@ -132,6 +131,7 @@ def machine() -> dict:
 # Fixed costs of a sweep, measured on the 2-core machine (docs/benchmarks.md): starting the workers,
 # DeepSpeed's import and groups, and per forward the Python and collective overhead of each layer.
 START_S, DEEPSPEED_START_S, LAYER_OVERHEAD_S = 8.0, 6.0, 0.004
+FILL_BYTES_PER_S = 0.4e9  # drawing the built-in experts' random weights into shared memory, per worker
 
 
 def models_of(opts: BenchOptions) -> list[str]:
@@ -141,7 +141,7 @@ def models_of(opts: BenchOptions) -> list[str]:
 def estimate_seconds(opts: BenchOptions, workers: int) -> float:
     """A FLOP-count guess at a matmul rate measured here, plus the fixed costs above: start-up,
     filling the shared experts, and every forward the sweep runs (repeats cut as the bench cuts them)."""
-    total = START_S + (DEEPSPEED_START_S if any(s.startswith("deepspeed") for s in opts.systems) else 0.0)
+    total = START_S + (DEEPSPEED_START_S if uses_deepspeed(opts.systems) else 0.0)
     for name in models_of(opts):
         config = resolve(name).config
         rate = _matmul_rate(config.d_model, config.d_ff) / max(1, workers)  # per worker, its share of the cores
@@ -155,9 +155,6 @@ def estimate_seconds(opts: BenchOptions, workers: int) -> float:
                     warm = opts.warmup if per_forward < opts.max_cell_seconds / 10 else 1
                     total += (warm + min(opts.iters, max(3, int(opts.max_cell_seconds / per_forward)))) * per_forward
     return total
-
-
-FILL_BYTES_PER_S = 0.4e9  # drawing the built-in experts' random weights into shared memory, per worker
 
 
 def _matmul_rate(d_model: int, d_ff: int) -> float:

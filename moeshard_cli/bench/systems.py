@@ -27,6 +27,10 @@ class Skip:
     reason: str
 
 
+def uses_deepspeed(systems: list[str]) -> bool:
+    return any(s.startswith("deepspeed") for s in systems)
+
+
 def paper_capacity_factor(num_experts: int) -> float:
     """The paper's DeepSpeed setting: min(E, 50)."""
     return float(min(num_experts, 50))

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 from transformers.activations import ACT2FN
 
-from moeshard_cli.bench.systems import Skip, build_dispatch
+from moeshard_cli.bench.systems import Skip, build_dispatch, uses_deepspeed
 from moeshard_cli.bench.weights import SharedExperts, available_memory, expert_layers, shm_path
 from moeshard_cli.shard.sources import resolve
 from moeshard_cli.launch import worker_process_group
@@ -88,7 +88,7 @@ class LayerClock:
 @record
 def bench_worker(job: BenchJob):
     with worker_process_group(job.device, job.timeout) as (rank, world, device):
-        if any(s.startswith("deepspeed") for s in job.systems):
+        if uses_deepspeed(job.systems):
             from moeshard_cli.bench.deepspeed_moe import init_deepspeed_groups
 
             init_deepspeed_groups()

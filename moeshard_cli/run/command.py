@@ -20,7 +20,7 @@ from pathlib import Path
 from moeshard_cli import __version__
 from moeshard_cli.errors import Interrupted, UserError
 from moeshard_cli.launch import check_device, launch, pick_device
-from moeshard_cli.model import ATTENTIONS
+from moeshard_cli.model import ATTENTIONS, check_attention
 from moeshard_cli.moe.experts import BACKENDS, check_backend
 from moeshard_cli.options import at_least, check_router_flags, endpoint, flag
 from moeshard_cli.shard.manifest import MANIFEST, ShardSet, check_files, default_shard_set, read_shard_set
@@ -78,8 +78,8 @@ class RunOptions:
             check_device(self.device)
         with flag("--expert-backend", f"use one of {', '.join(BACKENDS)}"):
             check_backend(self.backend)
-        if self.attention not in ATTENTIONS:
-            raise UserError(f"--attention {self.attention} is unknown", f"use one of {', '.join(ATTENTIONS)}")
+        with flag("--attention", f"use one of {', '.join(ATTENTIONS)}"):
+            check_attention(self.attention)
         at_least("--nnodes", self.nnodes, 1, "2")
         if not 0 <= self.node_rank < self.nnodes:
             raise UserError(f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1}", "number the nodes 0 to --nnodes - 1, with 0 on the node at --rdzv-endpoint")

@@ -1,6 +1,6 @@
 """`moeshard shard`: stream a source checkpoint into one self-contained safetensors file per rank.
 
-source checkpoint -> slicing plan (plan.py) -> rank files (stwriter.py) -> moeshard.json last.
+source checkpoint -> slicing plan (plan.py) -> rank files (writer.py) -> moeshard.json last.
 Tensors are read, cast and written one at a time; nothing is accepted by `run` until the
 manifest, written last and atomically, names the finished files.
 """
@@ -79,10 +79,9 @@ def prepare_out(out: Path, force: bool) -> None:
 
 def rank_layouts(source: Source, bounds, dtype: torch.dtype):
     """Per rank, the ordered (name, shape, dtype) list its file will hold."""
-    has_shared = any(e.name == "shared.weight" for e in source.tensors)
     layouts = [[] for _ in bounds]
     for entry in source.tensors:
-        role = classify(entry.name, has_shared)
+        role = classify(entry.name, source.has_shared)
         if role.kind == "drop":
             continue
         for rank, (lo, hi) in enumerate(bounds):
@@ -104,7 +103,7 @@ def _allow_open_files(world: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
 
 
-def stream(source: Source, writers: list[StreamingSafetensorsWriter], bounds, dtype: torch.dtype, has_shared: bool, advance) -> None:
+def stream(source: Source, writers: list[StreamingSafetensorsWriter], bounds, dtype: torch.dtype, advance) -> None:
     """Read every kept tensor once and append its per-rank parts to the rank files.
 
     Pipelined: while a few threads hash and write tensor k into every rank file (hashlib and file
@@ -113,7 +112,7 @@ def stream(source: Source, writers: list[StreamingSafetensorsWriter], bounds, dt
     Torch's own intra-op threads are turned off meanwhile: slicing copies are memory-bound, and
     on top of the pool they oversubscribe the cores (a strided copy ran 17x slower on 2 busy cores).
     """
-    kept = [(entry, role) for entry in source.tensors if (role := classify(entry.name, has_shared)).kind != "drop"]
+    kept = [(entry, role) for entry in source.tensors if (role := classify(entry.name, source.has_shared)).kind != "drop"]
     pool = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 1, 2 * len(writers))), thread_name_prefix="moeshard-write")
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -173,7 +172,6 @@ def shard(opts: ShardOptions, progress=None) -> ShardResult:
 
     start = time.perf_counter()
     layouts = rank_layouts(source, bounds, dtype)
-    has_shared = any(e.name == "shared.weight" for e in source.tensors)
     written: list[Path] = []
     writers = []
     try:
@@ -183,7 +181,7 @@ def shard(opts: ShardOptions, progress=None) -> ShardResult:
                     "slice": f"{bounds[rank][0]},{bounds[rank][1]}", "source": source.label}
             writers.append(StreamingSafetensorsWriter(out / rank_file_name(rank, world), layout, meta))
         advance = progress(sum(w.size for w in writers)) if progress else (lambda n: None)
-        stream(source, writers, bounds, dtype, has_shared, advance)
+        stream(source, writers, bounds, dtype, advance)
         files = []
         for rank, writer in enumerate(writers):
             sha = writer.commit()

@@ -60,6 +60,11 @@ class Source:
     extra: dict = field(default_factory=dict)
     _converted: object = field(default=None, repr=False, compare=False)  # fast tokenizer from spiece.model
 
+    @property
+    def has_shared(self) -> bool:
+        """Whether the embedding is stored once as `shared.weight` (else only as the encoder's own)."""
+        return any(e.name == EMBED_KEY for e in self.tensors)
+
     def describe(self) -> dict:
         return {"kind": self.kind, "id": self.label, "revision": self.revision, "path": self.path}
 
