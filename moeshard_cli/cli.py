@@ -18,7 +18,7 @@ from moeshard_cli.errors import Interrupted, UserError
 
 app = typer.Typer(
     name="moeshard",
-    help="Fast, dropless Mixture-of-Experts encoder inference by expert sharding (MoEShard).",
+    help="Fast, dropless Mixture-of-Experts inference by expert sharding (MoEShard): Switch, Qwen3-MoE, OLMoE, Mixtral.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -57,7 +57,7 @@ def root(
 
 @app.command()
 def shard(
-    source: str = typer.Argument(DEFAULT_MODEL, help="Hub id (google/switch-base-128), local checkpoint directory, or built-in name (tiny-switch, switch-base-8..256)."),
+    source: str = typer.Argument(DEFAULT_MODEL, help="Hub id (google/switch-base-128, Qwen/Qwen3-30B-A3B), local checkpoint directory, shard set, or built-in name (tiny-switch, switch-base-8..256, tiny-qwen3-moe, qwen3-moe-mid, tiny-olmoe, olmoe-mid, tiny-mixtral, mixtral-mid)."),
     gpus: int = typer.Option(..., "--gpus", "-n", help="Number of ranks (GPUs or CPU workers) to slice the experts for."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: ./moeshard-shards/<model>-w<gpus>)."),
     dtype: str = typer.Option("float32", "--dtype", help="Data type of the rank files: float32, bfloat16 or float16."),
@@ -78,11 +78,12 @@ def shard(
 def run(
     input: Path = typer.Option(..., "--input", "-i", help="UTF-8 text file, one document per line."),
     shards: Optional[Path] = typer.Option(None, "--shards", help="Shard set directory (default: the one under ./moeshard-shards)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file, .safetensors or .npy (default: INPUT.moeshard.safetensors)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file, .safetensors or .npy (default: INPUT.moeshard.safetensors); .csv with --score (default: INPUT.moeshard-scores.csv)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Lines per batch per worker."),
     max_length: int = typer.Option(512, "--max-length", help="Truncate lines to this many tokens."),
     window: int = typer.Option(8192, "--window", help="Lines read ahead and sorted by length together (rounded up to whole steps)."),
-    pooling: str = typer.Option("mean", "--pooling", help="mean: one embedding per line; none: every token's hidden state plus offsets."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="mean or last: one embedding per line (default: mean for encoders, last for decoders); none: every token's hidden state plus offsets."),
+    score: bool = typer.Option(False, "--score", help="Decoder families: each line's log-likelihood (line, tokens, logprob, mean_nll) as CSV, instead of embeddings."),
     normalize: bool = typer.Option(False, "--normalize", help="L2-normalize every output row."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (one GPU per rank, NCCL)."),
     expert_backend: str = typer.Option("auto", "--expert-backend", help="auto, grouped_mm, loop or megablocks (CUDA, bfloat16)."),
@@ -105,7 +106,7 @@ def run(
     from moeshard_cli.run.command import RunOptions, run as do_run
 
     opts = RunOptions(
-        input=input, shards=shards, output=output, batch_size=batch_size, max_length=max_length, window=window, pooling=pooling,
+        input=input, shards=shards, output=output, batch_size=batch_size, max_length=max_length, window=window, pooling=pooling, score=score,
         normalize=normalize, device=device, backend=expert_backend, attention=attention, router=router, skew=skew, hot_experts=hot_experts, seed=seed,
         timeout=timeout, verify=verify, resume=resume, restart=restart, json_path=json_path, nnodes=nnodes,
         node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, debug=STATE["debug"], show_progress=console.is_terminal,

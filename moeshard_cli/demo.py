@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from moeshard_cli.launch import pick_device
 from moeshard_cli.shard.builtin import DEFAULT_MODEL
 from moeshard_cli.shard.manifest import read_shard_set
-from moeshard_cli.reference import reassemble_state, reference_embeddings, reference_encoder
+from moeshard_cli.reference import reference_model, reference_outputs
 from moeshard_cli.run.report import print_run_summary
 from moeshard_cli.shard.report import print_shard_summary
 from moeshard_cli.ui import byte_progress
@@ -46,7 +46,7 @@ def run_demo(console: Console, gpus: int, out: Path, debug: bool = False) -> flo
     shards = read_shard_set(shards_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(shards_dir))
     ids, _ = tokenize([t for w in read_windows(corpus, 1 << 20) for t in w.texts], tokenizer, 512)
-    expected = torch.stack(reference_embeddings(reference_encoder(shards.config, reassemble_state(shards)), ids))
+    expected = torch.stack(reference_outputs(shards.family, reference_model(shards), ids))
     err = (load_file(str(output))["embeddings"] - expected).abs().max().item()
     verdict = "[green]match[/]" if err <= TOLERANCE else "[red]MISMATCH[/]"
     console.print(f"max abs difference over {len(ids)} lines: {err:.2e} (tolerance {TOLERANCE:g}) {verdict}")

@@ -1,8 +1,8 @@
-"""Build the encoders the workers run: transformers' model, its sparse MLPs swapped afterwards.
+"""Build the models the workers run: transformers' model of the family, its MoE modules swapped afterwards.
 
-The model code stays transformers' own (attention, position bias, norms, residuals); the
-distributed part is applied by `install_moe`, a small plain function in the spirit of
-gpt-fast's tp.py. Everything is built on the meta device and then assigned real tensors, so
+The model code stays transformers' own (attention, position embeddings, norms, residuals, and
+for the top-k families the router); the distributed part is applied by `install_moe`, a small
+plain function in the spirit of gpt-fast's tp.py. Everything is built on the meta device and then assigned real tensors, so
 full expert weights are never allocated. `run` builds from one rank file; `bench` builds the
 same shell from a checkpoint's replicated weights and gives each system its own MLPs.
 """
@@ -20,40 +20,44 @@ from moeshard_cli.dtypes import DTYPES
 from moeshard_cli.moe.dispatch import ShardedDispatch
 from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.experts import GroupedExperts, resolve_backend, stack_experts
-from moeshard_cli.moe.layer import ShardedSparseMLP, TokenContext
+from moeshard_cli.moe.layer import ShardedExperts, ShardedSparseMLP, TokenContext
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.moe.timing import SectionTimer
 from moeshard_cli.shard.manifest import ShardSet
-from moeshard_cli.switch import ENCODER_EMBED_KEY, meta_encoder, parse_expert_key, set_sparse_mlp, sparse_layers, switch_config, tie_embeddings
 
 
-def install_moe(model, make_mlp: Callable[[int], nn.Module]) -> list[int]:
-    """Replace every sparse MLP of the encoder by `make_mlp(block_index)`; returns the indices."""
-    layers = sparse_layers(model)
+def install_moe(family, model, make_moe: Callable[[int], nn.Module]) -> list[int]:
+    """Put `make_moe(layer)` in place of transformers' MoE module of every MoE layer; returns the layers."""
+    layers = family.moe_layers(model)
     for i in layers:
-        set_sparse_mlp(model, i, make_mlp(i))
+        family.install(model, i, make_moe(i))
     return layers
 
 
-def split_expert_weights(state: dict[str, torch.Tensor]) -> dict[int, tuple[list, list]]:
-    """Pop the per-expert wi/wo slices out of a state dict: {layer: ([wi_e...], [wo_e...])}."""
+def split_expert_weights(family, state: dict[str, torch.Tensor]) -> dict[int, tuple[list, list]]:
+    """Pop the per-expert slices out of a state dict: {layer: ([[input matrices] per expert], [output per expert])}."""
     found: dict[int, dict[str, dict[int, torch.Tensor]]] = {}
     for key in list(state):
-        if parsed := parse_expert_key(key):
+        if parsed := family.parse_expert_key(key):
             layer, expert, matrix = parsed
-            found.setdefault(layer, {"wi": {}, "wo": {}})[matrix][expert] = state.pop(key)
-    return {layer: ([m["wi"][e] for e in sorted(m["wi"])], [m["wo"][e] for e in sorted(m["wo"])]) for layer, m in found.items()}
+            found.setdefault(layer, {}).setdefault(matrix, {})[expert] = state.pop(key)
+    split = {}
+    for layer, mats in found.items():
+        experts = sorted(mats[family.expert_output])
+        split[layer] = ([[mats[m][e] for m in family.expert_inputs] for e in experts], [mats[family.expert_output][e] for e in experts])
+    return split
 
 
-def assign_weights(model, state: dict[str, torch.Tensor]) -> None:
-    """Assign replicated weights onto the meta model, re-tie the embedding, and check nothing is left on meta."""
+def assign_weights(family, model, state: dict[str, torch.Tensor]) -> None:
+    """Assign replicated weights onto the meta model, re-tie embeddings, and check nothing is left on meta."""
     result = model.load_state_dict(state, strict=False, assign=True)
-    tie_embeddings(model)
-    missing = [k for k in result.missing_keys if k != ENCODER_EMBED_KEY]
+    family.tie(model)
+    family.rebuild_buffers(model, next(iter(state.values())).device)
+    missing = [k for k in result.missing_keys if k not in family.untied_missing()]
     if missing or result.unexpected_keys:
         raise RuntimeError(f"weights do not fit the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     for router in (m for n, m in model.named_modules() if n.endswith("router.classifier")):
-        router.float()  # transformers computes router logits in float32
+        router.float()  # transformers computes Switch's router logits in float32
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:
         raise RuntimeError(f"tensors left unallocated: {on_meta[:3]}")
@@ -66,45 +70,54 @@ def read_rank_file(shards: ShardSet, rank: int, device: torch.device) -> dict[st
     return {k: entry.load().to(device) for k, entry in safetensors_entries(shards.rank_file(rank)).items()}
 
 
-def build_sharded_encoder(shards: ShardSet, rank: int, device: torch.device, make_mlp):
-    """`make_mlp(layer, config, w_in_EDF, w_out_EFD)` builds each layer's sharded MLP from this rank's slices."""
-    config = switch_config(shards.config)
-    model = meta_encoder(config)
-    state = read_rank_file(shards, rank, device)
-    experts = split_expert_weights(state)
-    layers = install_moe(model, lambda i: make_mlp(i, config, *stack_experts(*experts.pop(i))))  # per-expert copies go as each layer is stacked
-    assign_weights(model, state)
-    return model, layers
+def sharded_experts(family, config, inputs_E: list, outputs_E: list, backend: str) -> GroupedExperts:
+    """One layer's slices of every expert, stacked for grouped matmuls (the per-expert copies can go)."""
+    return GroupedExperts(*stack_experts(inputs_E, outputs_E), family.act(config), backend)
 
 
 @dataclass
-class ShardedEncoder:
+class ShardedModel:
     """What a run worker drives: the model, the per-batch token context its MoE layers share, and them."""
 
+    family: object
     model: nn.Module
     ctx: TokenContext
-    mlps: dict[int, ShardedSparseMLP] = field(default_factory=dict)
+    mlps: dict[int, nn.Module] = field(default_factory=dict)
     backend: str = "grouped_mm"
     pad_id: int = 0
 
+    def hidden_states(self, ids, mask) -> torch.Tensor:
+        return self.family.hidden_states(self.model, ids, mask)
 
-def sharded_encoder(shards: ShardSet, rank: int, device: torch.device, backend: str, router: RouterSpec,
-                    comm: Collectives, timer: SectionTimer, attention: str = "eager") -> ShardedEncoder:
-    """transformers' encoder with a MoEShard `ShardedSparseMLP` in every sparse block, from rank `rank`'s file."""
-    from transformers.activations import ACT2FN
 
-    config = switch_config(shards.config)
-    backend = resolve_backend(backend, device, config.d_model, DTYPES[shards.dtype])
+def moe_module(family, config, dispatch, router: RouterSpec, ctx: TokenContext, layer: int) -> nn.Module:
+    """moeshard's module for one MoE layer: Switch's whole sparse MLP, or a top-k family's experts."""
+    if family.decoder:
+        return ShardedExperts(dispatch, router, ctx, layer)
+    dims = family.dims(config)
+    return ShardedSparseMLP(dims.d_model, dims.num_experts, config.router_bias, dispatch, router, ctx, layer)
+
+
+def sharded_model(shards: ShardSet, rank: int, device: torch.device, backend: str, router: RouterSpec,
+                  comm: Collectives, timer: SectionTimer, attention: str = "eager") -> ShardedModel:
+    """transformers' model of the shard set's family, a MoEShard module in every MoE layer, from rank `rank`'s file."""
+    family = shards.family
+    config = family.config(shards.config)
+    backend = resolve_backend(backend, device, family.dims(config).d_model, DTYPES[shards.dtype])
     ctx, mlps = TokenContext(), {}
+    model = family.meta_model(config)
+    state = read_rank_file(shards, rank, device)
+    experts = split_expert_weights(family, state)
 
-    def make(layer, _config, w_in_EDF, w_out_EFD):
-        dispatch = ShardedDispatch(GroupedExperts(w_in_EDF, w_out_EFD, ACT2FN[config.dense_act_fn], backend), comm, timer)
-        mlps[layer] = ShardedSparseMLP(config.d_model, config.num_experts, config.router_bias, dispatch, router, ctx, layer)
+    def make(layer):  # each layer's per-expert copies go as it is stacked
+        dispatch = ShardedDispatch(sharded_experts(family, config, *experts.pop(layer), backend), comm, timer)
+        mlps[layer] = moe_module(family, config, dispatch, router, ctx, layer)
         return mlps[layer]
 
-    model, _ = build_sharded_encoder(shards, rank, device, make)
-    use_attention(model, attention)
-    return ShardedEncoder(model, ctx, mlps, backend, config.pad_token_id or 0)
+    install_moe(family, model, make)
+    assign_weights(family, model, state)
+    use_attention(family, model, attention)
+    return ShardedModel(family, model, ctx, mlps, backend, family.pad_id(config))
 
 
 # ---------------------------------------------------------------- attention
@@ -118,10 +131,13 @@ def check_attention(name: str) -> None:
         raise ValueError(f"{name} is unknown")
 
 
-def use_attention(model, name: str) -> None:
-    """eager: transformers' own attention. fused: the same through torch's scaled_dot_product_attention,
-    T5's position bias and the padding mask passed as one additive mask (fused kernels on GPUs)."""
-    if name == "fused":
+def use_attention(family, model, name: str) -> None:
+    """eager: transformers' own attention. fused: for Switch, the same through torch's
+    scaled_dot_product_attention, T5's position bias and the padding mask passed as one additive
+    mask (fused kernels on GPUs); for the decoder families, transformers' own "sdpa"."""
+    if name == "fused" and family.decoder:
+        model.set_attn_implementation("sdpa")
+    elif name == "fused":
         from transformers import AttentionInterface
 
         AttentionInterface.register(_FUSED, fused_attention)
@@ -136,10 +152,10 @@ def fused_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.transpose(1, 2).contiguous(), None
 
 
-def build_shell(config, replicated: dict[str, torch.Tensor], make_mlp: Callable[[int], nn.Module], device: torch.device):
-    """The encoder around the experts (attention, norms, embeddings, routers) with `make_mlp(layer)`
-    in every sparse block; the bench swaps each MLP's dispatch per system."""
-    model = meta_encoder(config)
-    layers = install_moe(model, make_mlp)
-    assign_weights(model, replicated)
+def build_shell(family, config, replicated: dict[str, torch.Tensor], make_moe: Callable[[int], nn.Module], device: torch.device):
+    """The model around the experts (attention, norms, embeddings, routers) with `make_moe(layer)`
+    in every MoE layer; the bench swaps each module's dispatch per system."""
+    model = family.meta_model(config)
+    layers = install_moe(family, model, make_moe)
+    assign_weights(family, model, replicated)
     return model.to(device), layers

@@ -1,4 +1,4 @@
-"""The slicing plan: pure arithmetic and key classification, no I/O."""
+"""The slicing plan: pure arithmetic, and each family's key mapping, no I/O."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 
 from moeshard_cli.errors import UserError
 from moeshard_cli.shard.command import ShardOptions
-from moeshard_cli.shard.plan import classify, rank_file_name, slice_bounds
-from moeshard_cli.switch import join_expert, slice_expert, sliced_shape
+from moeshard_cli.families import family_of
+from moeshard_cli.shard.plan import join_slices, rank_file_name, slice_along, slice_bounds, sliced_dim, sliced_shape
 
 # d_ff, ranks, expected slice widths (wider slices first, widths differ by at most one)
 WIDTHS = [
@@ -72,49 +72,62 @@ def test_slice_bounds_rejects(d_ff, world, message):
     assert info.value.fix  # every refusal names a fix
 
 
-# source key, has shared.weight, expected (kind, out_name, matrix, layer, expert)
+# family, checkpoint key, whether the checkpoint also holds shared.weight, rank-file key (None: not kept), sliced axis
 KEYS = [
-    ("encoder.block.1.layer.1.mlp.experts.expert_7.wi.weight", True, ("expert", None, "wi", 1, 7)),
-    ("encoder.block.11.layer.1.mlp.experts.expert_127.wo.weight", True, ("expert", None, "wo", 11, 127)),
-    ("encoder.block.1.layer.1.mlp.router.classifier.weight", True, ("replicate", None, "", -1, -1)),
-    ("encoder.block.0.layer.1.mlp.wi.weight", True, ("replicate", None, "", -1, -1)),  # dense FF: not an expert
-    ("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", True, ("replicate", None, "", -1, -1)),
-    ("encoder.final_layer_norm.weight", True, ("replicate", None, "", -1, -1)),
-    ("shared.weight", True, ("replicate", None, "", -1, -1)),
-    ("encoder.embed_tokens.weight", True, ("drop", "", "", -1, -1)),
-    ("encoder.embed_tokens.weight", False, ("replicate", "shared.weight", "", -1, -1)),
-    ("decoder.block.1.layer.2.mlp.experts.expert_0.wi.weight", True, ("drop", "", "", -1, -1)),
-    ("decoder.embed_tokens.weight", True, ("drop", "", "", -1, -1)),
-    ("lm_head.weight", True, ("drop", "", "", -1, -1)),
+    ("switch_transformers", "encoder.block.1.layer.1.mlp.experts.expert_7.wi.weight", True, "=", 0),
+    ("switch_transformers", "encoder.block.11.layer.1.mlp.experts.expert_127.wo.weight", True, "=", 1),
+    ("switch_transformers", "encoder.block.1.layer.1.mlp.router.classifier.weight", True, "=", None),
+    ("switch_transformers", "encoder.block.0.layer.1.mlp.wi.weight", True, "=", None),  # dense FF: not an expert
+    ("switch_transformers", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", True, "=", None),
+    ("switch_transformers", "encoder.final_layer_norm.weight", True, "=", None),
+    ("switch_transformers", "shared.weight", True, "=", None),
+    ("switch_transformers", "encoder.embed_tokens.weight", True, None, None),
+    ("switch_transformers", "encoder.embed_tokens.weight", False, "shared.weight", None),
+    ("switch_transformers", "decoder.block.1.layer.2.mlp.experts.expert_0.wi.weight", True, None, None),
+    ("switch_transformers", "decoder.embed_tokens.weight", True, None, None),
+    ("switch_transformers", "lm_head.weight", True, None, None),
+    ("qwen3_moe", "model.layers.3.mlp.experts.17.gate_proj.weight", False, "=", 0),
+    ("qwen3_moe", "model.layers.3.mlp.experts.17.up_proj.weight", False, "=", 0),
+    ("qwen3_moe", "model.layers.3.mlp.experts.17.down_proj.weight", False, "=", 1),
+    ("qwen3_moe", "model.layers.3.mlp.gate.weight", False, "=", None),  # the router
+    ("qwen3_moe", "model.layers.1.mlp.gate_proj.weight", False, "=", None),  # a dense layer's MLP
+    ("qwen3_moe", "lm_head.weight", False, "=", None),
+    ("olmoe", "model.layers.0.mlp.experts.63.down_proj.weight", False, "=", 1),
+    ("mixtral", "model.layers.0.block_sparse_moe.experts.7.w1.weight", False, "model.layers.0.mlp.experts.7.gate_proj.weight", 0),
+    ("mixtral", "model.layers.0.block_sparse_moe.experts.7.w3.weight", False, "model.layers.0.mlp.experts.7.up_proj.weight", 0),
+    ("mixtral", "model.layers.0.block_sparse_moe.experts.7.w2.weight", False, "model.layers.0.mlp.experts.7.down_proj.weight", 1),
+    ("mixtral", "model.layers.0.block_sparse_moe.gate.weight", False, "model.layers.0.mlp.gate.weight", None),
+    ("mixtral", "model.layers.0.self_attn.q_proj.weight", False, "=", None),
 ]
 
 
-@pytest.mark.parametrize("name, has_shared, expected", KEYS, ids=[f"{k}-{s}" for k, s, _ in KEYS])
-def test_classify(name, has_shared, expected):
-    kind, out_name, matrix, layer, expert = expected
-    role = classify(name, has_shared)
-    assert (role.kind, role.matrix, role.layer, role.expert) == (kind, matrix, layer, expert)
-    assert role.out_name == (name if out_name is None else out_name)
+@pytest.mark.parametrize("family, name, has_shared, rank_key, dim", KEYS, ids=[f"{f}-{k}-{s}" for f, k, s, _, _ in KEYS])
+def test_checkpoint_keys_become_rank_file_keys(family, name, has_shared, rank_key, dim):
+    fam = family_of(family)
+    key = fam.rank_key(name, {name, "shared.weight"} if has_shared else {name})
+    assert key == (name if rank_key == "=" else rank_key)
+    if key is not None:
+        assert sliced_dim(fam, key) == dim
 
 
 @pytest.mark.parametrize("lo, hi", [(0, 130), (0, 44), (44, 87), (129, 130)])
-def test_slice_expert_takes_rows_of_wi_and_columns_of_wo(lo, hi):
+def test_slices_take_rows_of_inputs_and_columns_of_outputs(lo, hi):
     d_model, d_ff = 8, 130
     wi = torch.arange(d_ff * d_model, dtype=torch.float32).reshape(d_ff, d_model)
     wo = torch.arange(d_model * d_ff, dtype=torch.float32).reshape(d_model, d_ff)
-    assert torch.equal(slice_expert("wi", wi, lo, hi), wi[lo:hi])
-    assert torch.equal(slice_expert("wo", wo, lo, hi), wo[:, lo:hi])
-    assert sliced_shape("wi", tuple(wi.shape), lo, hi) == tuple(slice_expert("wi", wi, lo, hi).shape)
-    assert sliced_shape("wo", tuple(wo.shape), lo, hi) == tuple(slice_expert("wo", wo, lo, hi).shape)
+    for family, into, out in (("switch_transformers", "wi", "wo"), ("qwen3_moe", "gate_proj", "down_proj"), ("qwen3_moe", "up_proj", "down_proj")):
+        fam = family_of(family)
+        assert torch.equal(slice_along(wi, fam.sliced_dim(into), lo, hi), wi[lo:hi])
+        assert torch.equal(slice_along(wo, fam.sliced_dim(out), lo, hi), wo[:, lo:hi])
+    assert sliced_shape(tuple(wi.shape), 0, lo, hi) == tuple(wi[lo:hi].shape)
+    assert sliced_shape(tuple(wo.shape), 1, lo, hi) == tuple(wo[:, lo:hi].shape)
 
 
 def test_slices_reassemble_the_expert():
     wi, wo = torch.randn(130, 8), torch.randn(8, 130)
     bounds = slice_bounds(130, 3)
-    assert torch.equal(torch.cat([slice_expert("wi", wi, lo, hi) for lo, hi in bounds], 0), wi)
-    assert torch.equal(torch.cat([slice_expert("wo", wo, lo, hi) for lo, hi in bounds], 1), wo)
-    for matrix, full in (("wi", wi), ("wo", wo)):
-        assert torch.equal(join_expert(matrix, [slice_expert(matrix, full, lo, hi) for lo, hi in bounds]), full)
+    for full, dim in ((wi, 0), (wo, 1)):
+        assert torch.equal(join_slices([slice_along(full, dim, lo, hi) for lo, hi in bounds], dim), full)
 
 
 def test_rank_file_names_sort_in_rank_order():

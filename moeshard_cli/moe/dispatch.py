@@ -1,23 +1,25 @@
 """How a worker's tokens reach the experts and come back: the dispatch contract and its two dropless forms.
 
-A dispatch is called as `dispatch(x_TD, expert_T) -> (y_TD, counts_GE)`: the unscaled expert
-output for this worker's own tokens in their original order, and the host int64 [G, E] table
-of tokens per (worker, expert). It counts the tokens it routed and dropped since its last
-`reset()`. `ShardedSparseMLP` runs the router and scales by its probability around any
-dispatch, so the bench can swap systems under one model (bench/systems.py, bench/deepspeed_moe.py).
+A dispatch is called as `dispatch(x_TD, ids_TK, weights_TK) -> (y_TD, counts_GE)`: for each of
+this worker's own tokens, in their original order, the sum over its K routed experts of the
+expert's output times its routing weight; and the host int64 [G, E] table of (token, expert)
+pairs per (worker, expert). It counts the tokens it routed and dropped since its last `reset()`.
+The router stays outside (transformers' own module, or Switch's `route`), so the bench can swap
+systems under one model (bench/systems.py, bench/deepspeed_moe.py).
 
-`ShardedDispatch` is MoEShard: every worker holds a slice of every expert, so tokens are
-gathered from all workers, every worker computes its slice for all of them, and the partial
-sums go back to their owners. The work per worker is the same whatever the routing.
-`ExpertParallelDispatch` is classic expert parallelism: whole experts live on one worker each
-and tokens travel to their owner and back with all-to-all; the busiest worker sets the pace.
-Both are split as torchtitan's token dispatcher is: dispatch -> grouped compute -> combine,
-with the routing metadata of one call in a small dataclass.
+`ShardedDispatch` is MoEShard: every worker holds a slice of every expert, so each token is
+gathered once from its worker with its K expert ids and weights, every worker computes its
+slice of all K experts for all tokens and sums them per token, and the partial sums go back to
+their owners (a reduce-scatter). The rows moved per layer are the tokens, not the K times more
+(token, expert) pairs, and the work per worker is the same whatever the routing.
+`ExpertParallelDispatch` is classic expert parallelism: whole experts live on one worker each;
+every (token, expert) pair travels to the expert's owner and back with all-to-all, and the
+busiest worker sets the pace. Both are split as torchtitan's token dispatcher is: dispatch ->
+grouped compute -> combine.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -29,7 +31,7 @@ class Dispatch(Protocol):
     tokens: int  # tokens this worker routed since reset()
     dropped: int  # of which the dispatch dropped (zero output); 0 for dropless ones
 
-    def __call__(self, x_TD: torch.Tensor, expert_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def reset(self) -> None: ...
 
@@ -48,76 +50,66 @@ class Counted:
         self.dropped += dropped
 
 
-@dataclass
-class Route:
-    """One call's routing: own tokens sorted by expert, the [G, E] counts, and the rows moved."""
-
-    order_T: torch.Tensor
-    counts_GE: torch.Tensor
-    send_G: list[int]  # rows this worker sends to each worker
-    recv_G: list[int]  # rows it receives from each
-    idx_N: torch.Tensor  # received rows in expert-major order
-    rows_E: torch.Tensor  # rows per expert of this worker's experts in that order (host)
+def sort_pairs(ids_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order_P, counts_E): the (token, expert) pairs, flattened token-major, in expert-major order."""
+    ids_P = ids_TK.reshape(-1)
+    return torch.argsort(ids_P, stable=True), torch.bincount(ids_P, minlength=num_experts)
 
 
-def _sort_by_expert(expert_T: torch.Tensor, num_experts: int):
-    order_T = torch.argsort(expert_T, stable=True)
-    counts_E = torch.bincount(expert_T, minlength=num_experts)
-    return order_T, counts_E
+def weighted_sum(out_PD: torch.Tensor, order_P: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Expert outputs of expert-major pairs -> per token, the sum over its K experts of weight x output.
+
+    The K terms are added in the router's order, as transformers adds them (a reshape and a sum)."""
+    T, K = weights_TK.shape
+    by_pair_PD = torch.empty_like(out_PD)
+    by_pair_PD[order_P] = out_PD
+    return (by_pair_PD.view(T, K, -1) * weights_TK[:, :, None]).sum(1)
 
 
-def _unsort(sorted_TD: torch.Tensor, order_T: torch.Tensor) -> torch.Tensor:
-    out_TD = torch.empty_like(sorted_TD)
-    out_TD[order_T] = sorted_TD
-    return out_TD
-
-
-def _expert_major(rows_RD: torch.Tensor, route: Route, experts) -> torch.Tensor:
-    """Run the experts on received rows regrouped expert-major, and put the results back in place."""
-    out_ND = experts(rows_RD[route.idx_N], route.rows_E)
-    out_RD = torch.empty_like(rows_RD)
-    out_RD[route.idx_N] = out_ND
-    return out_RD
-
-
-class Exchanged(Counted):
-    """dispatch -> the experts on the received rows, expert-major -> combine; subclasses say how rows
-    move and set `experts` and `timer`."""
-
-    def __call__(self, x_TD: torch.Tensor, expert_T: torch.Tensor):
-        received_RD, route = self.dispatch(x_TD, expert_T)
-        with self.timer.section("compute"):
-            out_RD = _expert_major(received_RD, route, self.experts)
-        self.count(x_TD.shape[0])
-        return self.combine(out_RD, route), route.counts_GE
-
-    def dispatch(self, x_TD: torch.Tensor, expert_T: torch.Tensor) -> tuple[torch.Tensor, Route]:
-        raise NotImplementedError
-
-    def combine(self, out_RD: torch.Tensor, route: Route) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class ShardedDispatch(Exchanged):
+class ShardedDispatch(Counted):
     def __init__(self, experts, comm: Collectives, timer):
         self.experts, self.comm, self.timer = experts, comm, timer
         self.num_experts = experts.num_experts
 
-    def dispatch(self, x_TD: torch.Tensor, expert_T: torch.Tensor) -> tuple[torch.Tensor, Route]:
-        """Every worker's tokens, rank-major, each worker's sorted by expert."""
-        order_T, counts_E = _sort_by_expert(expert_T, self.num_experts)
-        counts_GE = self.comm.all_gather_counts(counts_E)
-        rows_G = counts_GE.sum(1).tolist()
-        gathered_RD = self.comm.all_gather_rows(x_TD[order_T], rows_G)
-        idx_N = expert_major_index(counts_GE, self.comm.block_starts(rows_G)).to(x_TD.device)
-        return gathered_RD, Route(order_T, counts_GE, [x_TD.shape[0]] * self.comm.world, rows_G, idx_N, counts_GE.sum(0))
+    def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor):
+        received, counts_GE = self.dispatch(x_TD, ids_TK, weights_TK)
+        with self.timer.section("compute"):
+            partial_RD = self.compute(*received)
+        self.count(x_TD.shape[0])
+        return self.combine(partial_RD, counts_GE[:, -1].tolist()), counts_GE[:, :-1]
 
-    def combine(self, partial_RD: torch.Tensor, route: Route) -> torch.Tensor:
-        """Sum the workers' partial outputs of this worker's tokens, back in their original order."""
-        return _unsort(self.comm.reduce_scatter_rows(partial_RD, route.recv_G), route.order_T)
+    def dispatch(self, x_TD, ids_TK, weights_TK):
+        """Every worker's tokens with their routing, rank-major; and the [G, E + 1] table of
+        pairs per expert, the last column each worker's token count."""
+        counts_E = torch.bincount(ids_TK.reshape(-1), minlength=self.num_experts)
+        counts_GE = self.comm.all_gather_counts(torch.cat([counts_E, counts_E.new_tensor([x_TD.shape[0]])]))
+        rows_G = counts_GE[:, -1].tolist()
+        x_RD, ids_RK, weights_RK = self.comm.all_gather_routed(x_TD, ids_TK, weights_TK, rows_G)
+        real_R = self.comm.real_rows(rows_G).to(x_TD.device)
+        return (x_RD, ids_RK, weights_RK, real_R, counts_GE[:, :-1].sum(0)), counts_GE
+
+    def compute(self, x_RD, ids_RK, weights_RK, real_R, counts_E) -> torch.Tensor:
+        """This worker's slice of every token's K experts, weighted and summed per token."""
+        if real_R.numel() != x_RD.shape[0]:  # padded exchange: only the real rows are computed
+            x_TD, ids_TK, weights_TK = x_RD[real_R], ids_RK[real_R], weights_RK[real_R]
+        else:
+            x_TD, ids_TK, weights_TK = x_RD, ids_RK, weights_RK
+        K = ids_TK.shape[1]
+        order_P, _ = sort_pairs(ids_TK, self.num_experts)
+        out_PD = self.experts(x_TD[order_P // K], counts_E)
+        y_TD = weighted_sum(out_PD, order_P, weights_TK).to(x_RD.dtype)
+        if real_R.numel() == x_RD.shape[0]:
+            return y_TD
+        y_RD = x_RD.new_zeros(x_RD.shape)
+        y_RD[real_R] = y_TD
+        return y_RD
+
+    def combine(self, partial_RD: torch.Tensor, rows_G: list[int]) -> torch.Tensor:
+        """Sum the workers' partial outputs of this worker's tokens (their original order is kept)."""
+        return self.comm.reduce_scatter_rows(partial_RD, rows_G)
 
 
-class ExpertParallelDispatch(Exchanged):
+class ExpertParallelDispatch(Counted):
     """Whole experts [rank * E/G, (rank + 1) * E/G) on each worker; `experts` holds only those."""
 
     def __init__(self, experts, num_experts: int, comm: Collectives, timer):
@@ -126,17 +118,19 @@ class ExpertParallelDispatch(Exchanged):
         self.experts, self.comm, self.timer = experts, comm, timer
         self.num_experts, self.local = num_experts, num_experts // comm.world
 
-    def dispatch(self, x_TD: torch.Tensor, expert_T: torch.Tensor) -> tuple[torch.Tensor, Route]:
-        """This worker's experts' tokens from every worker, rank-major."""
-        G, L, r = self.comm.world, self.local, self.comm.rank
-        order_T, counts_E = _sort_by_expert(expert_T, self.num_experts)
+    def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor):
+        G, L, r, K = self.comm.world, self.local, self.comm.rank, ids_TK.shape[1]
+        order_P, counts_E = sort_pairs(ids_TK, self.num_experts)
         counts_GE = self.comm.all_gather_counts(counts_E)
         counts_GGL = counts_GE.view(G, G, L)  # [source worker, owner, local expert]
         send_G = counts_GGL[r].sum(1).tolist()
         recv_G = counts_GGL[:, r].sum(1).tolist()
-        received_RD = self.comm.all_to_all_rows(x_TD[order_T], send_G, recv_G)
+        received_RD = self.comm.all_to_all_rows(x_TD[order_P // K], send_G, recv_G)
         idx_N = expert_major_index(counts_GGL[:, r], exclusive_cumsum(torch.tensor(recv_G))).to(x_TD.device)
-        return received_RD, Route(order_T, counts_GE, send_G, recv_G, idx_N, counts_GGL[:, r].sum(0))
-
-    def combine(self, out_RD: torch.Tensor, route: Route) -> torch.Tensor:
-        return _unsort(self.comm.all_to_all_rows(out_RD, route.recv_G, route.send_G), route.order_T)
+        with self.timer.section("compute"):
+            out_ND = self.experts(received_RD[idx_N], counts_GGL[:, r].sum(0))
+            out_RD = torch.empty_like(received_RD)
+            out_RD[idx_N] = out_ND
+        self.count(x_TD.shape[0])
+        back_PD = self.comm.all_to_all_rows(out_RD, recv_G, send_G)
+        return weighted_sum(back_PD, order_P, weights_TK).to(x_TD.dtype), counts_GE

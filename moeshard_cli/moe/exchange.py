@@ -94,6 +94,27 @@ class Collectives:
             all_gather_single(out, send.contiguous(), group=self.group)
             return out
 
+    def real_rows(self, rows_G: list[int]) -> torch.Tensor:
+        """Rows of an `all_gather_rows` buffer that hold tokens (the padded strategy pads each block)."""
+        starts_G = self.block_starts(rows_G)
+        if self.strategy != "padded" or self.world == 1:
+            return torch.arange(sum(rows_G))
+        return torch.cat([torch.arange(s, s + n) for s, n in zip(starts_G.tolist(), rows_G)])
+
+    def all_gather_routed(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, rows_G: list[int]):
+        """Every worker's tokens with their K expert ids and weights, laid out as `all_gather_rows`.
+
+        The routing travels as float32 columns (expert ids are exact below 2**24); beside float32
+        tokens it rides in the same collective, so a layer pays one gather, not two."""
+        K = ids_TK.shape[1]
+        routing_TC = torch.cat([ids_TK.to(torch.float32), weights_TK.to(torch.float32)], 1)
+        if x_TD.dtype == torch.float32:
+            both_RC = self.all_gather_rows(torch.cat([x_TD, routing_TC], 1), rows_G)
+            x_RD, routing_RC = both_RC[:, : x_TD.shape[1]], both_RC[:, x_TD.shape[1]:]
+        else:
+            x_RD, routing_RC = self.all_gather_rows(x_TD, rows_G), self.all_gather_rows(routing_TC, rows_G)
+        return x_RD, routing_RC[:, :K].long(), routing_RC[:, K:].to(weights_TK.dtype)
+
     def reduce_scatter_rows(self, partial_RD: torch.Tensor, rows_G: list[int]) -> torch.Tensor:
         """Sum the partial outputs (laid out as `all_gather_rows` returned them) over workers;
         keep this worker's rows."""

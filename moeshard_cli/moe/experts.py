@@ -24,16 +24,31 @@ def padded_width(width: int, dtype: torch.dtype) -> int:
     return -(-width // step) * step
 
 
-def stack_experts(wi_list: list[torch.Tensor], wo_list: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-expert nn.Linear weights (wi [F, D], wo [D, F]) -> padded w_in_EDF, w_out_EFD."""
-    E, (F_, D) = len(wi_list), wi_list[0].shape
-    Fp = padded_width(F_, wi_list[0].dtype)
-    w_in_EDF = wi_list[0].new_zeros(E, D, Fp)
-    w_out_EFD = wi_list[0].new_zeros(E, Fp, D)
-    for e, (wi, wo) in enumerate(zip(wi_list, wo_list)):
-        w_in_EDF[e, :, :F_] = wi.T
-        w_out_EFD[e, :F_, :] = wo.T
-    return w_in_EDF, w_out_EFD
+def stack_experts(inputs_E: list[list[torch.Tensor]], outputs_E: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert nn.Linear weights -> padded `w_in_EDH`, `w_out_EFD`.
+
+    Each expert brings one input matrix [F, D] (Switch's wi) or two (gate and up), and one output
+    matrix [D, F]. The input matrices stand side by side in w_in, each in its own padded block of
+    columns (H = F or 2F), so one grouped matmul computes both halves of a gated expert."""
+    E, n, (F_, D) = len(inputs_E), len(inputs_E[0]), inputs_E[0][0].shape
+    Fp = padded_width(F_, inputs_E[0][0].dtype)
+    w_in_EDH = inputs_E[0][0].new_zeros(E, D, n * Fp)
+    w_out_EFD = inputs_E[0][0].new_zeros(E, Fp, D)
+    for e, (mats, out) in enumerate(zip(inputs_E, outputs_E)):
+        for j, m in enumerate(mats):
+            w_in_EDH[e, :, j * Fp : j * Fp + F_] = m.T
+        w_out_EFD[e, :F_, :] = out.T
+    return w_in_EDH, w_out_EFD
+
+
+def stack_bias(biases_E: list[list[torch.Tensor]], width: int) -> torch.Tensor:
+    """Per-expert input biases ([F] each, one or two per expert) laid out as stack_experts lays out w_in."""
+    E, n, F_ = len(biases_E), len(biases_E[0]), biases_E[0][0].shape[0]
+    out_EH = biases_E[0][0].new_zeros(E, n * width)
+    for e, parts in enumerate(biases_E):
+        for j, b in enumerate(parts):
+            out_EH[e, j * width : j * width + F_] = b
+    return out_EH
 
 
 def megablocks_available() -> bool:
@@ -81,48 +96,67 @@ def _check_megablocks(device: torch.device, dtype: torch.dtype) -> None:
 class GroupedExperts(nn.Module):
     """Applies expert e's weights to the rows [offs[e-1], offs[e]) of an expert-major input.
 
-    Weights are `w_in_EDF` [E, d_model, F] and `w_out_EFD` [E, F, d_model]: a MoEShard rank's
-    slice of every expert, or whole experts.
+    `w_in_EDH` [E, d_model, H] and `w_out_EFD` [E, F, d_model]: a MoEShard rank's slice of every
+    expert, or whole experts. H = F for a plain expert, `act(x W_in) W_out` (Switch); H = 2F for a
+    gated one, `(act(x W_gate) * (x W_up)) W_out` (SwiGLU: Qwen-MoE, Mixtral, OLMoE). Optional
+    biases: `bias_in_EH` (sliced like w_in) and `bias_out_ED`, which a sharded layer gives to one
+    rank only, since the ranks' partial outputs are summed.
     """
 
-    def __init__(self, w_in_EDF: torch.Tensor, w_out_EFD: torch.Tensor, act: nn.Module, backend: str):
+    def __init__(self, w_in_EDH: torch.Tensor, w_out_EFD: torch.Tensor, act: nn.Module, backend: str,
+                 bias_in_EH: torch.Tensor | None = None, bias_out_ED: torch.Tensor | None = None):
         super().__init__()
-        self.register_buffer("w_in_EDF", w_in_EDF, persistent=False)
+        if w_in_EDH.shape[2] not in (w_out_EFD.shape[1], 2 * w_out_EFD.shape[1]):
+            raise ValueError(f"w_in {list(w_in_EDH.shape)} does not fit w_out {list(w_out_EFD.shape)}")
+        self.register_buffer("w_in_EDH", w_in_EDH, persistent=False)
         self.register_buffer("w_out_EFD", w_out_EFD, persistent=False)
+        self.bias_in_EH, self.bias_out_ED = bias_in_EH, bias_out_ED
+        self.gated = w_in_EDH.shape[2] == 2 * w_out_EFD.shape[1]
         self.act = act
         self.backend = backend
+        self._mm = {"loop": _loop_mm, "megablocks": _megablocks_mm, "grouped_mm": _grouped_mm}[backend]
 
     @property
     def num_experts(self) -> int:
-        return self.w_in_EDF.shape[0]
+        return self.w_in_EDH.shape[0]
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND grouped by expert, counts_E a host int64 tensor of rows per expert."""
-        compute = {"loop": self._loop, "megablocks": self._megablocks, "grouped_mm": self._grouped_mm}[self.backend]
         if counts_E.device.type != "cpu":
             counts_E = counts_E.cpu()
-        return compute(x_ND, counts_E, self.w_in_EDF, self.w_out_EFD)
+        h_NH = _with_bias(self._mm(x_ND, self.w_in_EDH, counts_E), self.bias_in_EH, counts_E)
+        if self.gated:
+            gate_NF, up_NF = h_NH.chunk(2, dim=1)
+            h_NF = self.act(gate_NF) * up_NF
+        else:
+            h_NF = self.act(h_NH)
+        return _with_bias(self._mm(h_NF, self.w_out_EFD, counts_E), self.bias_out_ED, counts_E)
 
-    def _grouped_mm(self, x_ND, counts_E, w_in_EDF, w_out_EFD):
-        offs_E = torch.cumsum(counts_E, 0).to(device=x_ND.device, dtype=torch.int32, non_blocking=True)
-        h_NF = self.act(F.grouped_mm(x_ND, w_in_EDF, offs=offs_E))
-        return F.grouped_mm(h_NF, w_out_EFD, offs=offs_E)
 
-    def _loop(self, x_ND, counts_E, w_in_EDF, w_out_EFD):
-        out_ND = torch.zeros_like(x_ND)
-        start = 0
-        for e, n in enumerate(counts_E.tolist()):
-            if n:
-                rows = slice(start, start + n)
-                out_ND[rows] = self.act(x_ND[rows] @ w_in_EDF[e]) @ w_out_EFD[e]
-                start += n
-        return out_ND
+def _with_bias(y_NH: torch.Tensor, bias_EH: torch.Tensor | None, counts_E: torch.Tensor) -> torch.Tensor:
+    if bias_EH is None:
+        return y_NH
+    return y_NH + bias_EH.repeat_interleave(counts_E.to(bias_EH.device), dim=0, output_size=y_NH.shape[0])
 
-    def _megablocks(self, x_ND, counts_E, w_in_EDF, w_out_EFD):
-        # megablocks' grouped GEMM takes bfloat16, per-expert row counts as a host int64 tensor,
-        # and [E, K, N] weights when trans_b is False.
-        from grouped_gemm import ops
 
-        batch_sizes_E = counts_E.to(torch.int64)
-        h_NF = self.act(ops.gmm(x_ND.contiguous(), w_in_EDF, batch_sizes_E, trans_b=False))
-        return ops.gmm(h_NF.contiguous(), w_out_EFD, batch_sizes_E, trans_b=False)
+def _grouped_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    offs_E = torch.cumsum(counts_E, 0).to(device=x_NK.device, dtype=torch.int32, non_blocking=True)
+    return F.grouped_mm(x_NK.contiguous(), w_EKM, offs=offs_E)
+
+
+def _loop_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    out_NM = x_NK.new_zeros(x_NK.shape[0], w_EKM.shape[2])
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            out_NM[start:start + n] = x_NK[start:start + n] @ w_EKM[e]
+            start += n
+    return out_NM
+
+
+def _megablocks_mm(x_NK: torch.Tensor, w_EKM: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    # megablocks' grouped GEMM takes bfloat16, per-expert row counts as a host int64 tensor,
+    # and [E, K, N] weights when trans_b is False.
+    from grouped_gemm import ops
+
+    return ops.gmm(x_NK.contiguous(), w_EKM, counts_E.to(torch.int64), trans_b=False)

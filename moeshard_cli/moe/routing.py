@@ -1,7 +1,7 @@
 """Routers: which expert each token goes to, and the weight its output is scaled by.
 
-Both routers are top-1 and dropless. `model` is the checkpoint's own router, bit for bit
-as transformers computes it. `skewed` is the paper's benchmark router: expert i is drawn
+Both are dropless. `model` is the checkpoint's own router: for Switch (top-1) `route` computes
+it bit for bit as transformers does; the top-k families keep transformers' router module. `skewed` is the paper's benchmark router: expert i is drawn
 with probability proportional to 1/E + skew for the first K experts and 1/E otherwise.
 Its draws come from a counter-based hash of (seed, layer, token id), so the assignment of
 a token does not depend on batching, padding or the number of workers.
@@ -63,12 +63,28 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def token_uniforms(token_ids: torch.Tensor, seed: int, layer: int) -> torch.Tensor:
-    """A uniform in [0, 1) per token id, a pure function of (seed, layer, id)."""
-    key = (seed * 0x9E3779B1 + layer * 0x85EBCA77 + 0x165667B1) & _M32
+def token_uniforms(token_ids: torch.Tensor, seed: int, layer: int, draw: int = 0) -> torch.Tensor:
+    """A uniform in [0, 1) per token id, a pure function of (seed, layer, draw, id)."""
+    key = (seed * 0x9E3779B1 + layer * 0x85EBCA77 + draw * 0xC2B2AE3D + 0x165667B1) & _M32
     h = _mix32(token_ids.new_full(token_ids.shape, key) ^ (token_ids & _M32))
     h = _mix32(h ^ ((token_ids >> 32) & _M32))
     return h.to(torch.float64) / 2.0**32
+
+
+def skewed_experts(num_experts: int, top_k: int, spec: RouterSpec, token_ids_T: torch.Tensor, layer: int) -> torch.Tensor:
+    """ids_TK: `top_k` distinct experts per token, drawn one after the other from the skewed
+    distribution without replacement (the k-th draw renormalised over the experts not yet taken).
+    The first draw is the top-1 router's draw, so top-1 families see the same assignment."""
+    p_E = skewed_probabilities(num_experts, spec.skew, spec.hot_experts).to(token_ids_T.device)
+    left_TE = p_E.expand(token_ids_T.shape[0], num_experts).clone()
+    ids = []
+    for k in range(top_k):
+        cdf_TE = torch.cumsum(left_TE, 1)
+        u_T = token_uniforms(token_ids_T, spec.seed, layer, k) * cdf_TE[:, -1]
+        e_T = torch.searchsorted(cdf_TE, u_T[:, None], right=True).squeeze(1).clamp_(max=num_experts - 1)
+        left_TE.scatter_(1, e_T[:, None], 0.0)
+        ids.append(e_T)
+    return torch.stack(ids, 1)
 
 
 def route(logits_TE: torch.Tensor, input_dtype: torch.dtype, spec: RouterSpec, token_ids_T: torch.Tensor, layer: int):
@@ -81,7 +97,5 @@ def route(logits_TE: torch.Tensor, input_dtype: torch.dtype, spec: RouterSpec, t
     if spec.kind == "model":
         prob_T, expert_T = probs_TE.max(dim=-1)
         return expert_T, prob_T
-    cdf_E = torch.cumsum(skewed_probabilities(logits_TE.shape[-1], spec.skew, spec.hot_experts), 0).to(logits_TE.device)
-    u_T = token_uniforms(token_ids_T, spec.seed, layer)
-    expert_T = torch.searchsorted(cdf_E, u_T, right=True).clamp_(max=logits_TE.shape[-1] - 1)
+    expert_T = skewed_experts(logits_TE.shape[-1], 1, spec, token_ids_T, layer).squeeze(1)
     return expert_T, probs_TE.gather(1, expert_T[:, None]).squeeze(1)

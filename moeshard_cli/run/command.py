@@ -33,7 +33,7 @@ from moeshard_cli.run.job import RunJob, worker_main
 from moeshard_cli.run.schedule import round_window
 from moeshard_cli.ui import quantile
 
-POOLINGS = ("mean", "none")
+POOLINGS = ("mean", "last", "none")
 
 
 @dataclass
@@ -44,7 +44,8 @@ class RunOptions:
     batch_size: int = 32
     max_length: int = 512
     window: int = 8192
-    pooling: str = "mean"
+    pooling: str | None = None  # None: the family's default (mean for encoders, last for decoders)
+    score: bool = False  # per-line log-likelihood instead of embeddings (decoder families)
     normalize: bool = False
     attention: str = "eager"
     device: str = "auto"
@@ -67,8 +68,10 @@ class RunOptions:
 
     def validate(self) -> None:
         """Every option, before any work; raises the one-line UserError that names the flag."""
-        if self.pooling not in POOLINGS:
-            raise UserError(f"--pooling {self.pooling} is unknown", "use --pooling mean or --pooling none")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise UserError(f"--pooling {self.pooling} is unknown", f"use one of {', '.join(POOLINGS)}")
+        if self.score and self.pooling is not None:
+            raise UserError(f"--score and --pooling {self.pooling} exclude each other", "--score writes one score per line: drop --pooling")
         at_least("--batch-size", self.batch_size, 1, "32")
         at_least("--max-length", self.max_length, 2, "512 (room for one token and the end-of-sequence token)")
         at_least("--window", self.window, 1, "8192")
@@ -91,16 +94,29 @@ class RunOptions:
             raise UserError("--resume and --restart exclude each other", "pass --resume to continue the unfinished run, --restart to discard it")
         if self.node_rank == 0:  # the node that writes: its files are checked before any work
             outputs.guard_user_files({"--output": self.output_path, "--json": self.json_path}, self.input, self.shards_dir)
-        with flag("--output", "end it in .safetensors, or in .npy for --pooling mean"):
-            output_format(self.output_path, self.pooling)
+        with flag("--output", "end it in .csv for --score, else in .safetensors (or .npy, one row per line)"):
+            output_format(self.output_path, self.mode)
 
     @property
     def shards_dir(self) -> Path:
         return self.shards or default_shard_set()
 
     @property
+    def mode(self) -> str:
+        """What each line becomes: "score", or its pooling (the family's default until `for_family`)."""
+        return "score" if self.score else self.pooling or "mean"
+
+    def for_family(self, family) -> None:
+        """Settle what depends on the shard set's family: the default pooling, and whether it can score."""
+        if self.score and not family.decoder:
+            raise UserError(f"--score needs a decoder family with an LM head; the shard set holds {family.name}, an encoder",
+                            "shard a decoder MoE (Qwen3-MoE, OLMoE, Mixtral), or drop --score to write embeddings")
+        if self.pooling is None and not self.score:
+            self.pooling = "last" if family.decoder else "mean"
+
+    @property
     def output_path(self) -> Path:
-        return self.output or self.input.with_name(self.input.name + ".moeshard.safetensors")
+        return self.output or self.input.with_name(self.input.name + (".moeshard-scores.csv" if self.score else ".moeshard.safetensors"))
 
     @property
     def router_spec(self) -> RouterSpec:
@@ -153,8 +169,9 @@ def run(opts: RunOptions) -> RunSummary:
     start = time.perf_counter()
     opts.validate()
     output, shards_dir, writer_node = opts.output_path, opts.shards_dir, opts.node_rank == 0
-    fmt = output_format(output, opts.pooling)
     shards = read_shard_set(shards_dir)
+    opts.for_family(shards.family)
+    fmt = output_format(output, opts.mode)
     world = shards.world_size
     if world % opts.nnodes:
         raise UserError(f"the shard set has {world} ranks, which does not split over {opts.nnodes} nodes", "use a number of nodes that divides the world size")
@@ -170,7 +187,7 @@ def run(opts: RunOptions) -> RunSummary:
 
     with _claimed_output(opts, output, fmt, info, shards, metadata, fingerprint, digest) if writer_node else _nothing() as state:
         job = RunJob(shards=str(shards_dir), input=str(opts.input), lines=info.lines, window=window, batch_size=opts.batch_size,
-                     max_length=opts.max_length, pooling=opts.pooling, normalize=opts.normalize, device=device, backend=opts.backend,
+                     max_length=opts.max_length, pooling=opts.mode, normalize=opts.normalize, device=device, backend=opts.backend,
                      router=opts.router_spec, timeout=opts.timeout, fingerprint=digest,
                      start=state.position if state else Position(), lines_done=state.lines_done if state else 0,
                      layout=state.layout if state else None, journal=str(outputs.journal_path(output)) if state else None,
@@ -217,7 +234,7 @@ def _claimed_output(opts: RunOptions, output: Path, fmt: str, info: InputInfo, s
                                state.position, state.lines_done, state.truncated_before)
             return
         outputs.discard(output)
-        layout = outputs.plan_layout(output, fmt, opts.pooling, info.lines, int(shards.config["d_model"]), metadata)
+        layout = outputs.plan_layout(output, fmt, opts.mode, info.lines, 3 if opts.score else shards.dims.d_model, metadata)
         outputs.create_partial(layout)
         argv = [a for a in opts.argv if a not in ("--resume", "--restart")]
         outputs.write_journal_header(journal, {"digest": digest, "fingerprint": fingerprint, "argv": argv, "layout": asdict(layout)})
@@ -285,7 +302,7 @@ def _fingerprint(opts: RunOptions, info: InputInfo, shards: ShardSet, device: st
         "moeshard": __version__,
         "input": {"sha256": info.sha256, "bytes": info.bytes, "lines": info.lines},
         "shards": {"manifest_sha256": _sha256(shards.root / MANIFEST), "world_size": shards.world_size},
-        "options": {"pooling": opts.pooling, "normalize": opts.normalize, "max_length": opts.max_length,
+        "options": {"pooling": opts.mode, "normalize": opts.normalize, "max_length": opts.max_length,
                     "batch_size": opts.batch_size, "window": window, "router": asdict(opts.router_spec),
                     "device": device, "expert_backend": opts.backend, "attention": opts.attention, "format": fmt},
     }
@@ -296,7 +313,7 @@ def _metadata(opts: RunOptions, info: InputInfo, shards: ShardSet, digest: str) 
     return {
         "format": "pt", "source": shards.source_label, "source_kind": str(source.get("kind")),
         "source_revision": str(source.get("revision")), "shards": str(shards.root), "world_size": str(shards.world_size),
-        "dtype": shards.dtype, "pooling": opts.pooling, "normalize": str(opts.normalize).lower(), "router": opts.router,
+        "dtype": shards.dtype, "family": shards.family.name, "pooling": opts.mode, "normalize": str(opts.normalize).lower(), "router": opts.router,
         "max_length": str(opts.max_length), "attention": opts.attention, "input": str(info.path), "input_sha256": info.sha256, "lines": str(info.lines),
         "moeshard_version": __version__, "run_fingerprint": digest,
     }
@@ -314,7 +331,7 @@ def _check_backend(backend: str, device: str, shards: ShardSet) -> None:
     from moeshard_cli.dtypes import DTYPES
     from moeshard_cli.moe.experts import resolve_backend
 
-    resolve_backend(backend, torch.device(device), int(shards.config["d_model"]), DTYPES[shards.dtype])
+    resolve_backend(backend, torch.device(device), shards.dims.d_model, DTYPES[shards.dtype])
 
 
 @contextmanager

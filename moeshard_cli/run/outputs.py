@@ -9,7 +9,11 @@ interrupted at any moment resumes from its last record. The final header is writ
 and the file renamed to its final name; an unfinished output never carries that name.
 
 Formats, by the suffix of --output: `.safetensors` (`embeddings`, or `hidden_states` +
-`offsets`, with metadata) and `.npy` (mean pooling only: `[lines, d_model]` float32).
+`offsets`, with metadata), `.npy` (one row per line: `[lines, d_model]` float32) and, for
+`--score`, `.csv`: a header line, then one fixed-width record per line
+(`line,tokens,logprob,mean_nll`, the line number padded on the left to the record's width), so
+rows are written in place like the others and `pandas.read_csv` reads the file as it is (an
+empty mean_nll, for a line of one token, reads as NaN).
 """
 
 from __future__ import annotations
@@ -30,8 +34,18 @@ from moeshard_cli.errors import UserError
 from moeshard_cli.files import check_writable, publish, write_atomic
 from moeshard_cli.run.feed import Position
 
-FORMATS = {".safetensors": "safetensors", ".npy": "npy"}
+FORMATS = {".safetensors": "safetensors", ".npy": "npy", ".csv": "csv"}
 ROW_DTYPE = np.dtype("<f4")
+SCORE_COLUMNS = ("line", "tokens", "logprob", "mean_nll")
+SCORE_HEADER = (",".join(SCORE_COLUMNS) + "\n").encode()
+SCORE_RECORD_BYTES = 58  # the line number (< 10**12) gets what tokens (< 10**10) and two %.8e floats leave
+
+
+def score_record(line: int, tokens: int, logprob: float, mean_nll: float) -> bytes:
+    """One line's CSV record, exactly SCORE_RECORD_BYTES long: spaces before the line number are
+    the only padding, since pandas reads a padded number but not a padded NaN."""
+    body = f",{tokens},{logprob:.8e},{'' if mean_nll != mean_nll else f'{mean_nll:.8e}'}\n"
+    return f"{line:>{SCORE_RECORD_BYTES - len(body)}d}{body}".encode()
 _sync_data = getattr(os, "fdatasync", os.fsync)  # the rows must be on disk before the journal names them
 _MAX_TOKENS_DIGITS = 10**15  # sizes the reserved header of --pooling none before the token count is known
 
@@ -41,7 +55,9 @@ def output_format(path: Path, pooling: str) -> str:
     fmt = FORMATS.get(path.suffix)
     if fmt is None:
         raise ValueError(f"{path} has no known suffix")
-    if fmt == "npy" and pooling != "mean":
+    if (fmt == "csv") != (pooling == "score"):
+        raise ValueError(f"{path} is a {path.suffix} file: scores go to .csv, embeddings to .safetensors or .npy")
+    if fmt == "npy" and pooling == "none":
         raise ValueError(f"{path} is a .npy file, which cannot hold --pooling {pooling} (lines of different lengths)")
     return fmt
 
@@ -93,7 +109,14 @@ class OutputLayout:
 
     @property
     def row_bytes(self) -> int:
-        return self.d_model * ROW_DTYPE.itemsize
+        return SCORE_RECORD_BYTES if self.fmt == "csv" else self.d_model * ROW_DTYPE.itemsize
+
+    def encode(self, line: int, rows: np.ndarray) -> np.ndarray:
+        """The bytes of one line's rows as the file holds them (a CSV record for scores)."""
+        if self.fmt != "csv":
+            return rows
+        tokens, logprob, mean_nll = rows[0].tolist()
+        return np.frombuffer(score_record(line, int(tokens), logprob, mean_nll), dtype=np.uint8)
 
     def embedding_at(self, line: int) -> int:
         return self.data_start + line * self.row_bytes
@@ -109,6 +132,8 @@ class OutputLayout:
 
     def header(self, tokens: int) -> bytes:
         """The bytes before `data_start`, exact for a run of `tokens` tokens."""
+        if self.fmt == "csv":
+            return SCORE_HEADER
         if self.fmt == "npy":
             out = io.BytesIO()
             np.lib.format.write_array_header_1_0(out, {"descr": ROW_DTYPE.str, "fortran_order": False, "shape": (self.lines, self.d_model)})
@@ -119,7 +144,7 @@ class OutputLayout:
 
 def _safetensors_header(layout: OutputLayout, tokens: int, pad: bool = True) -> bytes:
     N, D = layout.lines, layout.d_model
-    if layout.pooling == "mean":
+    if layout.pooling != "none":
         tensors = {"embeddings": {"dtype": "F32", "shape": [N, D], "data_offsets": [0, N * D * 4]}}
     else:
         table = (N + 1) * 8
@@ -136,7 +161,7 @@ def _safetensors_header(layout: OutputLayout, tokens: int, pad: bool = True) -> 
 
 def plan_layout(output: Path, fmt: str, pooling: str, lines: int, d_model: int, metadata: dict[str, str]) -> OutputLayout:
     draft = OutputLayout(str(partial_path(output)), fmt, pooling, lines, d_model, 0, tuple(sorted(metadata.items())))
-    if fmt == "npy":
+    if fmt in ("npy", "csv"):
         start = len(draft.header(0))
     else:
         need = len(_safetensors_header(draft, _MAX_TOKENS_DIGITS, pad=False))
@@ -153,7 +178,7 @@ def create_partial(layout: OutputLayout) -> None:
     fd = os.open(layout.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         os.ftruncate(fd, needed)
-        if layout.fmt == "npy":
+        if layout.fmt in ("npy", "csv"):
             os.pwrite(fd, layout.header(0), 0)
     finally:
         os.close(fd)

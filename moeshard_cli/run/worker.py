@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 from moeshard_cli.errors import UserError
 from moeshard_cli.launch import release_free_memory, worker_process_group
 from moeshard_cli.shard.manifest import read_shard_set
-from moeshard_cli.model import sharded_encoder
+from moeshard_cli.model import sharded_model
 from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.layer import token_ids_for
 from moeshard_cli.moe.timing import SectionTimer
@@ -60,20 +60,20 @@ class _Encoder:
                           self.start, rank, world, side)
         try:
             timer = SectionTimer(self.device)
-            self.encoder = sharded_encoder(read_shard_set(Path(job.shards)), rank, self.device, job.backend, job.router,
-                                           Collectives(timer=timer), timer, job.attention)
+            self.sharded = sharded_model(read_shard_set(Path(job.shards)), rank, self.device, job.backend, job.router,
+                                         Collectives(timer=timer), timer, job.attention)
             writer = RowWriter(job.layout, Path(job.journal)) if rank == 0 else None
             try:
-                stats = self._loop(feed, self.encoder.model, writer, timer)
+                stats = self._loop(feed, writer, timer)
             finally:
                 if writer is not None:
                     writer.close()
         finally:
             feed.close()
-        return self._report(stats, self.encoder.mlps, self.encoder.backend, timer)
+        return self._report(stats, self.sharded.mlps, self.sharded.backend, timer)
 
     @torch.inference_mode()
-    def _loop(self, feed: WindowFeed, model, writer: RowWriter | None, timer) -> dict:
+    def _loop(self, feed: WindowFeed, writer: RowWriter | None, timer) -> dict:
         job, rank = self.job, self.rank
         forward_s, spreads = array("f"), array("f")
         stats = {"tokens": 0, "padded": 0, "session_tokens": 0, "session_lines": 0, "truncated": 0, "token_end": self.start.token}
@@ -94,9 +94,9 @@ class _Encoder:
                     step = pw.steps[s]
                     tokens_G = step_tokens(step, pw.lengths)
                     t0 = time.perf_counter()
-                    rows = self._encode(model, pw, step[rank], stats)
+                    rows = self._encode(pw, step[rank], stats)
                     forward_s.append(time.perf_counter() - t0)
-                    gathered = self._gather(rows, [len(b) for b in step] if job.pooling == "mean" else tokens_G)
+                    gathered = self._gather(rows, tokens_G if job.pooling == "none" else [len(b) for b in step])
                     if writer is not None:
                         writer.rows({"window": pw.index, "step": s, "lines": sum(len(b) for b in step)},
                                     self._places(pw, step, prefix, gathered))
@@ -112,30 +112,37 @@ class _Encoder:
         stats["forward_s"], stats["spreads"] = forward_s, spreads
         return stats
 
-    def _encode(self, model, pw: PlannedWindow, mine: list[int], stats: dict) -> torch.Tensor:
-        """This rank's batch through the encoder; pooled (or packed) float32 rows on the device."""
-        device = self.device
+    def _encode(self, pw: PlannedWindow, mine: list[int], stats: dict) -> torch.Tensor:
+        """This rank's batch through the model; its float32 rows on the device: one per line
+        (pooled, or the line's score), or every real token's (--pooling none)."""
+        device, pad_id = self.device, self.sharded.pad_id
         if mine:
             rows = [pw.ids[i] for i in mine]
             lengths = torch.tensor([len(r) for r in rows])
-            ids = pad_sequence(rows, batch_first=True, padding_value=self.encoder.pad_id).long()
+            ids = pad_sequence(rows, batch_first=True, padding_value=pad_id).long()
             if ids.shape[1] == 0:  # every line empty, and a tokenizer without end-of-sequence token
-                ids = torch.full((len(rows), 1), self.encoder.pad_id)
+                ids = torch.full((len(rows), 1), pad_id)
             mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
             gid = token_ids_for([pw.first_line + i for i in mine], ids.shape[1])
             stats["tokens"] += int(lengths.sum())
             stats["padded"] += ids.numel()
         else:  # no line left for this rank in this step: it still joins every collective, on padding
-            ids, mask, gid = torch.full((1, 1), self.encoder.pad_id), torch.zeros((1, 1), dtype=torch.long), torch.zeros((1, 1), dtype=torch.long)
+            ids, mask, gid = torch.full((1, 1), pad_id), torch.zeros((1, 1), dtype=torch.long), torch.zeros((1, 1), dtype=torch.long)
+            lengths = torch.zeros(0, dtype=torch.long)
         ids, mask, gid = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), gid.to(device, non_blocking=True)
-        self.encoder.ctx.set_batch(mask, gid)
-        hidden_BSD = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-        if self.job.pooling == "mean":
-            weights_BS1 = mask[:, :, None].to(hidden_BSD.dtype)
-            rows_ND = (hidden_BSD * weights_BS1).sum(1) / weights_BS1.sum(1).clamp_min(1.0)
-            rows_ND = rows_ND[: len(mine)]
+        self.sharded.ctx.set_batch(mask, gid)
+        hidden_BSD = self.sharded.hidden_states(ids, mask)
+        pooling, lengths = self.job.pooling, lengths.to(device)
+        if pooling == "score":
+            return score_lines(self.sharded.model.lm_head, hidden_BSD[: len(mine)], ids[: len(mine)], lengths)
+        if pooling == "none":
+            rows_ND = hidden_BSD.float()[mask.bool()]
+        elif pooling == "last":
+            rows_ND = hidden_BSD[torch.arange(len(mine), device=device), (lengths - 1).clamp_min(0)].float()
+            rows_ND = rows_ND * (lengths > 0)[:, None]  # an empty line (no token at all) is a zero row, as under mean
         else:
-            rows_ND = hidden_BSD[mask.bool()]
+            weights_BS1 = mask[:, :, None].float()
+            rows_ND = ((hidden_BSD.float() * weights_BS1).sum(1) / weights_BS1.sum(1).clamp_min(1.0))[: len(mine)]
         return F.normalize(rows_ND, dim=-1) if self.job.normalize else rows_ND
 
     def _gather(self, rows_ND: torch.Tensor, sizes_G: list[int]) -> np.ndarray | None:
@@ -158,8 +165,8 @@ class _Encoder:
         for batch in step:
             for i in batch:
                 line = pw.first_line + i
-                if self.job.pooling == "mean":
-                    places.append((layout.embedding_at(line), rows[at:at + 1]))
+                if self.job.pooling != "none":
+                    places.append((layout.embedding_at(line), layout.encode(line, rows[at:at + 1])))
                     at += 1
                 else:
                     n = pw.lengths[i]
@@ -182,6 +189,28 @@ class _Encoder:
         return {"ranks": gathered, "layers": loads, "backend": backend, "loop_s": stats["loop_s"],
                 "session_tokens": stats["session_tokens"], "session_lines": stats["session_lines"],
                 "truncated": stats["truncated"], "token_end": stats["token_end"], "spreads": list(stats["spreads"])}
+
+
+LOGITS_BYTES = 1 << 28  # the LM head's logits are computed in chunks of at most this many bytes
+
+
+def score_lines(lm_head, hidden_BSD: torch.Tensor, ids_BS: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+    """[B, 3] float32: per line its token count, the sum of log p(token | the tokens before it)
+    over every token after the first, and the mean negative log-likelihood (NaN below 2 tokens).
+    Only positions that predict a real token go through the LM head, in chunks, so the
+    [tokens, vocabulary] logits never exist whole."""
+    B, S, _ = hidden_BSD.shape
+    predicts_BS = torch.arange(S, device=ids_BS.device)[None, :] < (lengths_B - 1)[:, None]
+    h_PD = hidden_BSD[predicts_BS]
+    target_P = ids_BS[:, 1:][predicts_BS[:, :-1]] if S > 1 else ids_BS.new_zeros(0)
+    line_P = torch.arange(B, device=ids_BS.device)[:, None].expand(B, S)[predicts_BS]
+    chunk = max(1, LOGITS_BYTES // (4 * lm_head.weight.shape[0]))
+    logprob_P = torch.cat([torch.log_softmax(lm_head(h_PD[i:i + chunk]).float(), -1).gather(1, target_P[i:i + chunk, None]).squeeze(1)
+                           for i in range(0, h_PD.shape[0], chunk)]) if h_PD.shape[0] else h_PD.new_zeros(0, dtype=torch.float32)
+    logprob_B = torch.zeros(B, dtype=torch.float32, device=ids_BS.device).index_add_(0, line_P, logprob_P)
+    scored_B = (lengths_B - 1).clamp_min(0).float()
+    mean_nll_B = torch.where(scored_B > 0, -logprob_B / scored_B.clamp_min(1.0), torch.full_like(logprob_B, float("nan")))
+    return torch.stack([lengths_B.float(), logprob_B, mean_nll_B], 1)
 
 
 def _window_record(pw: PlannedWindow) -> dict:

@@ -12,7 +12,7 @@ import errno
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +24,7 @@ from moeshard_cli.dtypes import DTYPES
 from moeshard_cli.files import is_temporary, write_json_atomic
 from moeshard_cli.shard.manifest import DEFAULT_ROOT, FORMAT_VERSION, MANIFEST
 from moeshard_cli.options import flag
-from moeshard_cli.shard.plan import check_world, classify, rank_file_name, slice_bounds
-from moeshard_cli.switch import expert_layers, slice_expert, sliced_shape
+from moeshard_cli.shard.plan import check_world, rank_file_name, slice_along, slice_bounds, sliced_dim, sliced_shape
 from moeshard_cli.shard.writer import StreamingSafetensorsWriter
 
 OWN_FILES = {MANIFEST, "config.json", *TOKENIZER_FILES}
@@ -81,12 +80,9 @@ def rank_layouts(source: Source, bounds, dtype: torch.dtype):
     """Per rank, the ordered (name, shape, dtype) list its file will hold."""
     layouts = [[] for _ in bounds]
     for entry in source.tensors:
-        role = classify(entry.name, source.has_shared)
-        if role.kind == "drop":
-            continue
+        dim = sliced_dim(source.family, entry.name)
         for rank, (lo, hi) in enumerate(bounds):
-            shape = sliced_shape(role.matrix, entry.shape, lo, hi) if role.kind == "expert" else entry.shape
-            layouts[rank].append((role.out_name, shape, dtype))
+            layouts[rank].append((entry.name, entry.shape if dim is None else sliced_shape(entry.shape, dim, lo, hi), dtype))
     return layouts
 
 
@@ -112,16 +108,16 @@ def stream(source: Source, writers: list[StreamingSafetensorsWriter], bounds, dt
     Torch's own intra-op threads are turned off meanwhile: slicing copies are memory-bound, and
     on top of the pool they oversubscribe the cores (a strided copy ran 17x slower on 2 busy cores).
     """
-    kept = [(entry, role) for entry in source.tensors if (role := classify(entry.name, source.has_shared)).kind != "drop"]
+    kept = [(entry, sliced_dim(source.family, entry.name)) for entry in source.tensors]
     pool = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 1, 2 * len(writers))), thread_name_prefix="moeshard-write")
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         tensor = kept[0][0].load().to(dtype) if kept else None
-        for i, (entry, role) in enumerate(kept):
+        for i, (entry, dim) in enumerate(kept):
             jobs, nbytes = [], 0
             for writer, (lo, hi) in zip(writers, bounds):
-                data = writer.prepare(role.out_name, slice_expert(role.matrix, tensor, lo, hi) if role.kind == "expert" else tensor)
+                data = writer.prepare(entry.name, tensor if dim is None else slice_along(tensor, dim, lo, hi))
                 jobs += [pool.submit(writer.hash, data), pool.submit(writer.append, data)]
                 nbytes += data.nbytes
             del data
@@ -161,7 +157,8 @@ def shard(opts: ShardOptions, progress=None) -> ShardResult:
     source_arg, world, dtype_name, force = opts.source, opts.gpus, opts.dtype, opts.force
     dtype = DTYPES[dtype_name]
     source = resolve(source_arg, opts.revision)
-    d_ff = source.config.d_ff
+    dims = source.dims
+    d_ff = dims.d_ff
     bounds = opts.bounds(d_ff)
     out = opts.out or default_out(source_arg, world)
     if source.path and out.exists() and out.resolve() == Path(source.path).resolve():
@@ -192,13 +189,13 @@ def shard(opts: ShardOptions, progress=None) -> ShardResult:
         written += [out / "config.json", *(out / n for n in TOKENIZER_FILES)]
         source.config.to_json_file(str(out / "config.json"))
         tokenizer_files = source.save_tokenizer(out)
-        sparse = expert_layers(n for n, *_ in layouts[0])
+        sparse = source.family.expert_layers(n for n, *_ in layouts[0])
         manifest = {
             "format_version": FORMAT_VERSION, "tool": "moeshard", "tool_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source": source.describe(), "encoder_only": True, "architecture": "SwitchTransformersEncoderModel",
-            "config": source.config.to_dict(), "world_size": world, "dtype": dtype_name,
-            "d_ff": d_ff, "num_experts": source.config.num_experts, "sparse_layers": sparse,
+            "source": source.describe(), "family": source.family.name, "encoder_only": not dims.decoder,
+            "architecture": source.family.architecture, "config": source.config.to_dict(), "world_size": world, "dtype": dtype_name,
+            "dims": asdict(dims), "d_ff": d_ff, "num_experts": dims.num_experts, "top_k": dims.top_k, "sparse_layers": sparse,
             "slices": [list(b) for b in bounds], "files": files, "tokenizer_files": tokenizer_files,
         }
         write_json_atomic(out / MANIFEST, manifest)

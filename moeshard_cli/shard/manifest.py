@@ -43,6 +43,17 @@ class ShardSet:
         return self.root / self.data["files"][rank]["name"]
 
     @property
+    def family(self):
+        """The model family the set was cut from (sets written before families were Switch)."""
+        from moeshard_cli.families import family_of
+
+        return family_of(self.data.get("family", "switch_transformers"))
+
+    @property
+    def dims(self):
+        return self.family.dims(self.config)
+
+    @property
     def source_label(self) -> str:
         return self.data["source"]["id"]
 
@@ -68,7 +79,7 @@ def read_shard_set(root: Path) -> ShardSet:
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         version = data.get("format_version") if isinstance(data, dict) else None
         raise UserError(f"{manifest} has format version {version}, this moeshard reads {FORMAT_VERSION}", "re-shard with this version of moeshard")
-    problem = _schema_problem(data)
+    problem = _schema_problem(data) or _family_problem(data)
     if problem:
         raise UserError(f"{manifest} is corrupt ({problem})", "re-run `moeshard shard ... --force` to rewrite the shard set")
     return ShardSet(root, data)
@@ -96,6 +107,16 @@ def _schema_problem(data: dict) -> str | None:
             return f"a rank file entry lacks one of {', '.join(_FILE_FIELDS)}"
     if any(not (isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s)) for s in data["slices"]):
         return "a slice is not [lo, hi]"
+    return None
+
+
+def _family_problem(data: dict) -> str | None:
+    from moeshard_cli.families import family_of
+
+    try:
+        family_of(data.get("family", "switch_transformers"))
+    except ValueError as exc:
+        return f"its model family: {exc}"
     return None
 
 

@@ -1,15 +1,11 @@
 """The slicing plan: which bytes of the source checkpoint go to which rank.
 
-Pure functions, no I/O. Every rank gets its slice of every expert (switch.slice_expert:
-rows of `wi`, columns of `wo`); everything else in the encoder is replicated. The decoder
-and the LM head are dropped. Bad values raise ValueError; `moeshard shard` names the flag.
+Pure functions, no I/O. Every rank gets its slice of every expert (the family says which axis:
+rows of Switch's `wi` and of gate/up, columns of `wo` and of down); every other tensor the source
+lists is replicated. Bad values raise ValueError; `moeshard shard` names the flag.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-
-from moeshard_cli.switch import EMBED_KEY, ENCODER_EMBED_KEY, is_encoder_key, parse_expert_key
 
 
 def slice_bounds(d_ff: int, world: int) -> list[tuple[int, int]]:
@@ -40,30 +36,28 @@ def even_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
-@dataclass(frozen=True)
-class KeyRole:
-    """What the plan does with one source tensor."""
-
-    kind: str  # "replicate" | "expert" | "drop"
-    out_name: str = ""
-    matrix: str = ""  # "wi" | "wo" for experts
-    layer: int = -1
-    expert: int = -1
+def slice_along(tensor, dim: int, lo: int, hi: int):
+    """A rank's slice [lo, hi) of an expert matrix along its sliced axis (a view)."""
+    return tensor.narrow(dim, lo, hi - lo)
 
 
-def classify(name: str, has_shared_embedding: bool) -> KeyRole:
-    """Decide the role of a source key. Encoder-only output, transformers key names kept."""
-    if parsed := parse_expert_key(name):
-        layer, expert, matrix = parsed
-        return KeyRole("expert", name, matrix, layer, expert)
-    if name == EMBED_KEY:
-        return KeyRole("replicate", EMBED_KEY)
-    if name == ENCODER_EMBED_KEY:
-        # The encoder's embedding is tied to `shared`; keep one copy under the shared name.
-        return KeyRole("drop") if has_shared_embedding else KeyRole("replicate", EMBED_KEY)
-    if is_encoder_key(name):
-        return KeyRole("replicate", name)
-    return KeyRole("drop")
+def join_slices(slices: list, dim: int):
+    """The inverse of slice_along over consecutive slices."""
+    import torch
+
+    return torch.cat(slices, dim=dim)
+
+
+def sliced_shape(shape: tuple[int, ...], dim: int, lo: int, hi: int) -> tuple[int, ...]:
+    out = list(shape)
+    out[dim] = hi - lo
+    return tuple(out)
+
+
+def sliced_dim(family, name: str) -> int | None:
+    """The axis along which rank files cut tensor `name` (an expert matrix), or None (replicated)."""
+    parsed = family.parse_expert_key(name)
+    return family.sliced_dim(parsed[2]) if parsed else None
 
 
 def rank_file_name(rank: int, world: int) -> str:

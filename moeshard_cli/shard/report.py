@@ -9,7 +9,7 @@ from moeshard_cli.ui import human_bytes
 
 
 def print_shard_summary(console: Console, result) -> None:
-    cfg = result.source.config
+    dims = result.source.dims
     table = Table(title=f"shard set {result.out}", title_justify="left")
     for col in ("rank", "file", "size", "d_ff slice", "width"):
         table.add_column(col, justify="right" if col not in ("file",) else "left")
@@ -18,7 +18,7 @@ def print_shard_summary(console: Console, result) -> None:
     console.print(table)
     rate = result.bytes_written / max(result.seconds, 1e-9)
     console.print(
-        f"source [bold]{result.source.label}[/] ({result.source.kind}), {len(result.sparse_layers)} MoE layers x "
-        f"{cfg.num_experts} experts per layer, d_model {cfg.d_model}, d_ff {cfg.d_ff}, dtype {result.dtype}\n"
+        f"source [bold]{result.source.label}[/] ({result.source.kind}, {result.source.family.name}), {len(result.sparse_layers)} MoE layers x "
+        f"{dims.num_experts} experts per layer (top-{dims.top_k}), d_model {dims.d_model}, d_ff {dims.d_ff}, dtype {result.dtype}\n"
         f"wrote {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s) to [bold]{result.out}[/]"
     )

@@ -1,7 +1,7 @@
-"""Source checkpoints: resolve SOURCE and list its encoder tensors without loading them.
+"""Source checkpoints: resolve SOURCE and list the tensors its rank files need, without loading them.
 
-A `Source` is a config plus an ordered list of `TensorEntry`s whose `load()` reads one
-tensor. Three kinds: built-in random models, local `save_pretrained` directories
+A `Source` is a model family, a config and an ordered list of `TensorEntry`s, named as rank files
+name them (the family's `rank_key`), whose `load()` reads one tensor. Three kinds: built-in random models, local `save_pretrained` directories
 (safetensors or pytorch_model.bin, single or sharded), and hub ids fetched with
 huggingface_hub. Nothing here holds more than one tensor at a time.
 
@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import SwitchTransformersConfig
 
 from moeshard_cli.shard import builtin
 from moeshard_cli.dtypes import FROM_SAFETENSORS
 from moeshard_cli.errors import UserError
-from moeshard_cli.switch import EMBED_KEY, ENCODER_EMBED_KEY, join_expert, meta_encoder, parse_expert_key, switch_config
+from moeshard_cli.families import family_of
+from moeshard_cli.shard.plan import join_slices
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TOKENIZER_FILES = (
@@ -51,19 +51,19 @@ class TensorEntry:
 @dataclass
 class Source:
     label: str  # what the user typed
-    kind: str  # "builtin" | "local" | "hub"
-    config: SwitchTransformersConfig
+    kind: str  # "builtin" | "local" | "hub" | "shard-set"
+    family: object  # a families/ FAMILY
+    config: object  # the family's transformers config
     tensors: list[TensorEntry]
     path: str | None = None
     revision: str | None = None
-    tokenizer_dir: Path | None = None  # where tokenizer files live; None for built-ins
+    tokenizer_dir: Path | None = None  # where tokenizer files live; None for built-ins (byte_tokenizer)
     extra: dict = field(default_factory=dict)
     _converted: object = field(default=None, repr=False, compare=False)  # fast tokenizer from spiece.model
 
     @property
-    def has_shared(self) -> bool:
-        """Whether the embedding is stored once as `shared.weight` (else only as the encoder's own)."""
-        return any(e.name == EMBED_KEY for e in self.tensors)
+    def dims(self):
+        return self.family.dims(self.config)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "id": self.label, "revision": self.revision, "path": self.path}
@@ -71,9 +71,7 @@ class Source:
     def save_tokenizer(self, out_dir: Path) -> list[str]:
         """Copy (or, for built-ins, write) the tokenizer files into out_dir; returns their names."""
         if self.tokenizer_dir is None:
-            from transformers import ByT5Tokenizer
-
-            ByT5Tokenizer().save_pretrained(str(out_dir))
+            byte_tokenizer().save_pretrained(str(out_dir))
             return sorted(p.name for p in out_dir.iterdir() if p.name in TOKENIZER_FILES)
         copied = []
         for name in TOKENIZER_FILES:
@@ -116,9 +114,22 @@ class Source:
         return d is not None and (d / "spiece.model").is_file() and not (d / "tokenizer.json").is_file()
 
 
-def expected_encoder_tensors(config: SwitchTransformersConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Names and shapes of an encoder-only Switch model, from a meta-device build (no memory)."""
-    return {k: (tuple(v.shape), v.dtype) for k, v in meta_encoder(config).state_dict().items() if k != ENCODER_EMBED_KEY}
+def byte_tokenizer():
+    """The built-in models' tokenizer: ByT5's ids (UTF-8 byte b is id b + 3; pad 0, end of sequence 1,
+    appended) as a fast `tokenizer.json`, which AutoTokenizer loads for any family's config
+    (it does not honour ByT5's slow class beside a Mixtral config)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    char_of_byte = bytes_to_unicode()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{char_of_byte[b]: b + 3 for b in range(256)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                                                 pre_tokenizers.Split(Regex("."), behavior="isolated")])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 def resolve(source: str, revision: str | None = None) -> Source:
@@ -135,17 +146,17 @@ def resolve(source: str, revision: str | None = None) -> Source:
         return _hub_source(source, revision)
     raise UserError(
         f"source {source!r} does not exist",
-        f"pass a checkpoint directory, a hub id like google/switch-base-8, or one of: {', '.join(builtin.BUILTIN_NAMES)}",
+        f"pass a checkpoint directory, a hub id like Qwen/Qwen3-30B-A3B, or one of: {', '.join(builtin.builtin_names())}",
     )
 
 
 def _builtin_source(name: str) -> Source:
-    config = builtin.builtin_config(name)
+    family, config = builtin.builtin_config(name)
     entries = [
-        TensorEntry(key, shape, torch.float32, (lambda k=key, s=shape: builtin.random_tensor(k, s, config)))
-        for key, (shape, _) in expected_encoder_tensors(config).items()
+        TensorEntry(key, shape, torch.float32, functools.partial(builtin.random_tensor, family, key, shape, config))
+        for key, shape in family.expected_tensors(config).items()
     ]
-    return Source(label=name, kind="builtin", config=config, tensors=entries)
+    return Source(label=name, kind="builtin", family=family, config=config, tensors=entries)
 
 
 def _hub_source(repo_id: str, revision: str | None) -> Source:
@@ -164,7 +175,8 @@ def _hub_source(repo_id: str, revision: str | None) -> Source:
     return src
 
 
-def _read_config(path: Path) -> SwitchTransformersConfig:
+def _read_config(path: Path):
+    """(family, config) of a save_pretrained directory."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise UserError(f"{path} has no config.json", "pass a directory written by save_pretrained")
@@ -172,12 +184,19 @@ def _read_config(path: Path) -> SwitchTransformersConfig:
         raw = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{cfg_file} is not valid JSON ({exc})", "restore config.json from the original checkpoint") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"{cfg_file} is not a config (a JSON object)", "restore config.json from the original checkpoint")
     model_type = raw.get("model_type")
-    if model_type == "t5" or (model_type == "switch_transformers" and not raw.get("num_experts")):
-        raise UserError(f"{path} is a dense {model_type} checkpoint with no experts", "moeshard shards Mixture-of-Experts models: use a Switch Transformers checkpoint")
-    if model_type != "switch_transformers":
-        raise UserError(f"{path} holds a {model_type or 'unknown'} model, not Switch Transformers", "use a checkpoint whose config.json has model_type switch_transformers")
-    return SwitchTransformersConfig.from_dict(raw)
+    if model_type == "t5":
+        raise UserError(f"{path} is a dense t5 checkpoint with no experts", "moeshard shards Mixture-of-Experts models: use a checkpoint with experts")
+    try:
+        family = family_of(model_type)
+    except ValueError as exc:
+        raise UserError(f"{path} holds a {model_type or 'unknown'} model, which moeshard does not serve", f"use a checkpoint of a served family: {str(exc).split('(')[-1].rstrip(')')}") from None
+    problem = family.check_config(raw, str(path))
+    if problem:
+        raise UserError(problem, "moeshard shards Mixture-of-Experts models: use a checkpoint with experts")
+    return family, family.config(raw)
 
 
 def _weight_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
@@ -297,24 +316,24 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 
 
 def _local_source(path: Path, label: str, kind: str) -> Source:
-    config = _read_config(path)
+    family, config = _read_config(path)
     fmt, files, _ = _weight_files(path)
-    available: dict[str, TensorEntry] = {}
+    on_disk: dict[str, TensorEntry] = {}
     for file in files:
-        available.update(safetensors_entries(file) if fmt == "safetensors" else _open_bin(file))
-    if not any(parse_expert_key(k) for k in available):
-        raise UserError(f"{path} has no encoder expert weights (a dense model?)", "use a Switch Transformers MoE checkpoint")
-    if EMBED_KEY not in available and ENCODER_EMBED_KEY in available:
-        available[EMBED_KEY] = available[ENCODER_EMBED_KEY]
+        on_disk.update(safetensors_entries(file) if fmt == "safetensors" else _open_bin(file))
+    names = set(on_disk)
+    available = {key: entry for name, entry in on_disk.items() if (key := family.rank_key(name, names))}
+    if not any(family.parse_expert_key(k) for k in available):
+        raise UserError(f"{path} has no expert weights (a dense model?)", f"use a {family.name} Mixture-of-Experts checkpoint")
     entries = []
-    for key, (shape, _) in expected_encoder_tensors(config).items():
+    for key, shape in family.expected_tensors(config).items():
         entry = available.get(key)
         if entry is None:
             raise UserError(f"{path} lacks tensor {key}", "the checkpoint is incomplete or does not match its config.json")
         if entry.shape != shape:
             raise UserError(f"{key} has shape {list(entry.shape)} but config.json implies {list(shape)}", "the checkpoint does not match its config.json")
         entries.append(TensorEntry(key, shape, entry.dtype, entry.load))
-    return Source(label=label, kind=kind, config=config, tensors=entries, path=str(path.resolve()),
+    return Source(label=label, kind=kind, family=family, config=config, tensors=entries, path=str(path.resolve()),
                   tokenizer_dir=path, extra={"format": fmt, "files": [f.name for f in files]})
 
 
@@ -325,13 +344,13 @@ def _shard_set_source(path: Path, label: str) -> Source:
     shards = read_shard_set(path)
     check_files(shards)
     ranks = [safetensors_entries(shards.rank_file(r)) for r in range(shards.world_size)]
-    config = switch_config(shards.config)
+    family, config = shards.family, shards.family.config(shards.config)
 
     def load(key: str) -> torch.Tensor:
-        parsed = parse_expert_key(key)
+        parsed = family.parse_expert_key(key)
         if not parsed:
             return ranks[0][key].load()
-        return join_expert(parsed[2], [rank[key].load() for rank in ranks])
+        return join_slices([rank[key].load() for rank in ranks], family.sliced_dim(parsed[2]))
 
-    entries = [TensorEntry(k, shape, ranks[0][k].dtype, functools.partial(load, k)) for k, (shape, _) in expected_encoder_tensors(config).items()]
-    return Source(label=label, kind="shard-set", config=config, tensors=entries, path=str(path.resolve()), tokenizer_dir=path)
+    entries = [TensorEntry(k, shape, ranks[0][k].dtype, functools.partial(load, k)) for k, shape in family.expected_tensors(config).items()]
+    return Source(label=label, kind="shard-set", family=family, config=config, tensors=entries, path=str(path.resolve()), tokenizer_dir=path)

@@ -1,0 +1,228 @@
+"""The gated top-k decoder layout of transformers 5, shared by Qwen3-MoE, OLMoE and Mixtral.
+
+In memory each MoE block is `mlp.gate` (transformers' top-k router: softmax, top-k, renormalise
+or not, as the family says) and `mlp.experts` with fused parameters `gate_up_proj` [E, 2F, D]
+(the gate half first) and `down_proj` [E, D, F]. On disk (the hub, and `save_pretrained`) each
+expert is stored apart: `mlp.experts.{e}.gate_proj.weight` [F, D], `up_proj` [F, D],
+`down_proj` [D, F] (Mixtral: `block_sparse_moe.experts.{e}.w1` / `w3` / `w2`).
+
+Rank files use the per-expert names under the in-memory module path
+(`model.layers.{l}.mlp.experts.{e}.gate_proj.weight`), rows [lo, hi) of gate and up and the same
+columns of down: `act(gate) * up` is elementwise along F, so the slices' outputs add up. Only
+`mlp.experts` is replaced by moeshard's module (moe/layer.ShardedExperts), which has the
+experts' call signature `(hidden_states, top_k_index, top_k_weights)`; the router stays
+transformers' own, so each family's routing rules come for free.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from moeshard_cli.families import Dims
+
+MATRICES = ("gate_proj", "up_proj", "down_proj")
+_SLICED_DIM = {"gate_proj": 0, "up_proj": 0, "down_proj": 1}  # rows of gate and up, columns of down
+_RANK_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+class GatedDecoderFamily:
+    """Subclasses set the names below and `builtin_configs`; everything else is shared."""
+
+    name = model_type = ""
+    config_class_name = ""  # in transformers
+    num_experts_attr = "num_experts"
+    d_ff_attr = "intermediate_size"  # each expert's width
+    disk_roles = {m: m for m in MATRICES}  # checkpoint matrix name -> gate_proj / up_proj / down_proj
+    disk_block = "mlp"  # the checkpoint's name of the MoE block (Mixtral's hub files: block_sparse_moe)
+    builtin_configs: dict = {}
+
+    decoder = True
+    expert_inputs = ("gate_proj", "up_proj")
+    expert_output = "down_proj"
+    poolings = ("last", "mean", "none")
+
+    @property
+    def architecture(self) -> str:
+        return self.config_class_name.replace("Config", "ForCausalLM")
+
+    # ---------------------------------------------------------------- config
+
+    def config(self, raw):
+        import transformers
+
+        cls = getattr(transformers, self.config_class_name)
+        return raw if isinstance(raw, cls) else cls.from_dict(dict(raw))
+
+    def check_config(self, raw: dict, where: str) -> str | None:
+        return None if raw.get(self.num_experts_attr) else f"{where} is a {self.model_type} checkpoint with no experts"
+
+    def dims(self, config) -> Dims:
+        c = self.config(config)
+        layers = c.num_hidden_layers
+        moe = len(self.moe_layer_indices(c))
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return Dims(d_model=c.hidden_size, d_ff=getattr(c, self.d_ff_attr), num_experts=getattr(c, self.num_experts_attr),
+                    top_k=c.num_experts_per_tok, num_layers=layers, moe_layers=moe, attention_width=c.num_attention_heads * head_dim,
+                    dense_ff=c.intermediate_size if moe < layers else 0, vocab_size=c.vocab_size, decoder=True)
+
+    def moe_layer_indices(self, config) -> list[int]:
+        return list(range(config.num_hidden_layers))
+
+    def act(self, config) -> nn.Module:
+        from transformers.activations import ACT2FN
+
+        return ACT2FN[self.config(config).hidden_act]
+
+    def pad_id(self, config) -> int:
+        c = self.config(config)
+        return c.pad_token_id if c.pad_token_id is not None else 0
+
+    # ---------------------------------------------------------------- checkpoint keys
+
+    def expert_key(self, layer: int, expert: int, matrix: str) -> str:
+        return f"model.layers.{layer}.mlp.experts.{expert}.{matrix}.weight"
+
+    def parse_expert_key(self, name: str) -> tuple[int, int, str] | None:
+        m = _RANK_EXPERT_KEY.match(name)
+        return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+
+    def sliced_dim(self, matrix: str) -> int:
+        return _SLICED_DIM[matrix]
+
+    def rank_key(self, disk_key: str, disk_keys: set[str]) -> str | None:
+        """A checkpoint key under the in-memory module path, expert matrices under their neutral names."""
+        key = disk_key.replace(f".{self.disk_block}.", ".mlp.") if self.disk_block != "mlp" else disk_key
+        parts = key.split(".")
+        if len(parts) == 8 and parts[3:5] == ["mlp", "experts"] and parts[7] == "weight" and parts[6] in self.disk_roles:
+            parts[6] = self.disk_roles[parts[6]]
+            return ".".join(parts)
+        return key
+
+    def expected_tensors(self, config) -> dict[str, tuple[int, ...]]:
+        """Rank-file keys of the whole causal LM and their shapes: fused experts listed per expert."""
+        c = self.config(config)
+        shapes = {}
+        for key, tensor in self.meta_model(c).state_dict().items():
+            fused = _FUSED_KEY.match(key)
+            if fused is None:
+                if not (key == "lm_head.weight" and self.tied(c)):
+                    shapes[key] = tuple(tensor.shape)
+                continue
+            prefix = key.rsplit(".", 1)[0]
+            E = tensor.shape[0]
+            for e in range(E):
+                if fused.group(1) == "gate_up_proj":
+                    F_, D = tensor.shape[1] // 2, tensor.shape[2]
+                    shapes[f"{prefix}.{e}.gate_proj.weight"] = shapes[f"{prefix}.{e}.up_proj.weight"] = (F_, D)
+                else:
+                    shapes[f"{prefix}.{e}.down_proj.weight"] = tuple(tensor.shape[1:])
+        return shapes
+
+    def expert_layers(self, names) -> list[int]:
+        return sorted({parsed[0] for name in names if (parsed := self.parse_expert_key(name))})
+
+    def tied(self, config) -> bool:
+        return bool(getattr(self.config(config), "tie_word_embeddings", False))
+
+    # ---------------------------------------------------------------- the module tree
+
+    def meta_model(self, config):
+        """transformers' causal LM on the meta device (the LM head scores lines)."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.config(config))
+        return model.eval()
+
+    def moe_layers(self, model) -> list[int]:
+        return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+
+    def moe_block(self, model, layer: int) -> nn.Module:
+        return model.model.layers[layer].mlp
+
+    def install(self, model, layer: int, module: nn.Module) -> None:
+        model.model.layers[layer].mlp.experts = module
+
+    def tie(self, model) -> None:
+        if self.tied(model.config):
+            model.lm_head.weight = model.model.embed_tokens.weight
+
+    def untied_missing(self) -> set[str]:
+        return {"lm_head.weight"}
+
+    def rebuild_buffers(self, model, device: torch.device) -> None:
+        """The rotary embedding's frequencies are computed buffers, never in a checkpoint: rebuild them off meta."""
+        rotary = model.model.rotary_emb
+        with torch.device(device):
+            model.model.rotary_emb = type(rotary)(model.config)
+
+    def hidden_states(self, model, ids, mask) -> torch.Tensor:
+        """The last hidden states (after the final norm), [B, S, D]."""
+        return model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    # ---------------------------------------------------------------- the oracle
+
+    def fuse(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-expert keys -> transformers' fused `gate_up_proj` [E, 2F, D] and `down_proj` [E, D, F]."""
+        fused, experts = {}, {}
+        for key, tensor in state.items():
+            parsed = self.parse_expert_key(key)
+            if parsed is None:
+                fused[key] = tensor
+            else:
+                layer, e, matrix = parsed
+                experts.setdefault(layer, {}).setdefault(matrix, {})[e] = tensor
+        for layer, mats in experts.items():
+            prefix = f"model.layers.{layer}.mlp.experts"
+            order = sorted(mats["gate_proj"])
+            fused[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([mats["gate_proj"][e], mats["up_proj"][e]]) for e in order])
+            fused[f"{prefix}.down_proj"] = torch.stack([mats["down_proj"][e] for e in order])
+        return fused
+
+    def oracle(self, config, state: dict[str, torch.Tensor]):
+        """transformers' own causal LM in one process, every expert whole (it drops no token)."""
+        model = self.meta_model(config)
+        result = model.load_state_dict(self.fuse(state), strict=False, assign=True)
+        self.tie(model)
+        self.rebuild_buffers(model, torch.device("cpu"))
+        missing = set(result.missing_keys) - (self.untied_missing() if self.tied(config) else set())
+        if missing:
+            raise RuntimeError(f"oracle weights missing: {sorted(missing)[:3]}")
+        # transformers' plain per-expert loop: its grouped_mm default needs 16-byte aligned widths on CPU
+        model.set_experts_implementation("eager")
+        return model.eval()
+
+    def force_router(self, model, draw) -> None:
+        """Make every transformers router take its experts and weights from `draw(layer, x_TD)`."""
+        from types import MethodType
+
+        for layer in self.moe_layers(model):
+            gate = model.model.layers[layer].mlp.gate
+
+            def forward(self, hidden_TD, layer=layer):
+                ids_TK, weights_TK = draw(layer, hidden_TD)
+                return torch.nn.functional.linear(hidden_TD, self.weight), weights_TK, ids_TK
+
+            gate.forward = MethodType(forward, gate)
+
+    # ---------------------------------------------------------------- built-ins
+
+    def builtin_config(self, name: str):
+        return self.config(self.builtin_configs[name])
+
+    def init_std(self, name: str, config) -> float | None:
+        """Norms are ones; everything else N(0, 1/fan_in), so tiny random models route and score with signal."""
+        if name.endswith("norm.weight"):
+            return None
+        if name.endswith("embed_tokens.weight") or name.endswith("mlp.gate.weight"):
+            return 1.0
+        c = self.config(config)
+        if name.endswith("down_proj.weight"):
+            return getattr(c, self.d_ff_attr) ** -0.5
+        if name.endswith("o_proj.weight"):
+            return (c.num_attention_heads * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)) ** -0.5
+        return c.hidden_size**-0.5
