@@ -34,7 +34,7 @@ def tiny_config(**overrides):
     """The built-in `tiny-switch` config (d_ff=130: divides by neither 3 nor 4), optionally changed."""
     from moeshard_cli.shard.builtin import builtin_config
 
-    config = builtin_config("tiny-switch")
+    _, config = builtin_config("tiny-switch")
     for key, value in overrides.items():
         setattr(config, key, value)
     return config

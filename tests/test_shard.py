@@ -20,11 +20,10 @@ from safetensors import safe_open
 
 from conftest import ARCHS, FORMATS, cli_popen, invoke, read_rank_files, run_cli, save_checkpoint, tiny_checkpoint, tiny_model
 from moeshard_cli.shard import builtin
-from moeshard_cli.shard.sources import expected_encoder_tensors
 from moeshard_cli.errors import UserError
 from moeshard_cli.shard.manifest import MANIFEST, check_files, read_shard_set
 from moeshard_cli.shard.plan import rank_file_name, slice_bounds
-from moeshard_cli.switch import EXPERT_KEY
+from moeshard_cli.families.switch import EXPERT_KEY
 
 D_FF = 130  # tiny-switch
 
@@ -40,8 +39,8 @@ def encoder_reference(state: dict) -> dict[str, torch.Tensor]:
 
 
 def builtin_reference(name: str) -> dict[str, torch.Tensor]:
-    config = builtin.builtin_config(name)
-    return {k: builtin.random_tensor(k, shape, config) for k, (shape, _) in expected_encoder_tensors(config).items()}
+    family, config = builtin.builtin_config(name)
+    return {k: builtin.random_tensor(family, k, shape, config) for k, shape in family.expected_tensors(config).items()}
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -260,8 +259,9 @@ BAD_SOURCES = [
     ("missing-path", lambda tmp: tmp / "no-such-dir", [], ["does not exist", "pass a checkpoint directory"]),
     ("source-is-a-file", _a_file, [], ["is a file", "checkpoint directory"]),
     ("no-config", _empty_dir, [], ["has no config.json", "save_pretrained"]),
-    ("dense-t5", _dense_t5, [], ["dense t5 checkpoint with no experts", "Switch Transformers checkpoint"]),
-    ("non-switch-bert", _bert, [], ["holds a bert model, not Switch Transformers", "model_type switch_transformers"]),
+    ("dense-t5", _dense_t5, [], ["dense t5 checkpoint with no experts", "use a checkpoint with experts"]),
+    ("non-switch-bert", _bert, [], ["holds a bert model, which moeshard does not serve",
+                                    "use a checkpoint of a served family: mixtral, olmoe, qwen3_moe, switch_transformers"]),
     ("truncated-safetensors", _damaged("safetensors", _truncate("model.safetensors", 0.6)), [],
      ["model.safetensors is truncated or corrupt", "download or copy that file again"]),
     ("truncated-safetensors-shard", _damaged("safetensors-sharded", _truncate("model-*.safetensors", 0.9)), [],
