@@ -100,7 +100,7 @@ def check_dropless(rank):
         assert torch.equal(expert.wi.weight, w_in[rank * L + j].T)
     probs = [0.4, 0.05, 0.2, 0.05, 0.1, 0.1, 0.05, 0.05] if rank == 0 else [0.05, 0.05, 0.05, 0.05, 0.1, 0.1, 0.2, 0.4]
     x_TD, expert_T = _inputs(rank, E, probs)
-    y_TD, counts_GE = disp(x_TD, expert_T)
+    y_TD, counts_GE = disp(x_TD, expert_T[:, None], torch.ones(len(expert_T), 1))
     want_GE = _all_counts(expert_T, E)
     assert torch.equal(counts_GE, want_GE), (counts_GE, want_GE)
     assert disp.capacity == int(want_GE.max()), "dropless DeepSpeed pads every expert to the busiest one"
@@ -112,12 +112,12 @@ def check_dropless(rank):
     local = slice(rank * L, (rank + 1) * L)
     timer = SectionTimer(torch.device("cpu"), enabled=False)
     ep = ExpertParallelDispatch(GroupedExperts(w_in[local], w_out[local], _act(), "loop"), E, Collectives(), timer)
-    y_ep, counts_ep = ep(x_TD, expert_T)
+    y_ep, counts_ep = ep(x_TD, expert_T[:, None], torch.ones(len(expert_T), 1))
     assert torch.equal(counts_ep, counts_GE)
     err = (y_TD - y_ep).abs().max().item()
     assert err <= 1e-5, f"max |deepspeed - ExpertParallelDispatch| = {err}"
 
-    y2_TD, _ = disp(x_TD, expert_T)  # running totals, and the same answer again
+    y2_TD, _ = disp(x_TD, expert_T[:, None], torch.ones(len(expert_T), 1))  # running totals, and the same answer again
     assert torch.equal(y2_TD, y_TD) and disp.tokens == 2 * TOKENS and disp.dropped == 0
 
 
@@ -130,7 +130,7 @@ def check_dropping(rank):
     for layer, cf in enumerate((1.0, 1.5)):  # two layers: the second reuses DeepSpeed's EP group
         disp, w_in, w_out = _dispatch(rank, E, drop_tokens=True, cf=cf, seed=layer)
         x_TD, expert_T = _inputs(rank, E, probs, seed=layer)
-        y_TD, counts_GE = disp(x_TD, expert_T)
+        y_TD, counts_GE = disp(x_TD, expert_T[:, None], torch.ones(len(expert_T), 1))
 
         capacity = math.ceil(TOKENS / E * cf)  # cf is exact in binary: no float32 rounding question
         assert disp.capacity == capacity == deepspeed_capacity(TOKENS, E, cf), (disp.capacity, capacity)
@@ -170,7 +170,7 @@ def check_column_slices(rank):
     expert = disp.moe.deepspeed_moe.experts.deepspeed_experts[1]
     assert expert.more_slices[0].wi.weight.data_ptr() == w_in_GEDF[1, local][1].data_ptr()
     x_TD, expert_T = _inputs(rank, E, [0.4, 0.3, 0.2, 0.1], seed=3)
-    y_TD, _ = disp(x_TD, expert_T)
+    y_TD, _ = disp(x_TD, expert_T[:, None], torch.ones(len(expert_T), 1))
     err = (y_TD - _reference(x_TD, expert_T, w_in, w_out, _act())).abs().max().item()
     assert err <= 1e-5, f"max |deepspeed - reference| = {err}"
 
@@ -180,7 +180,7 @@ def check_unequal_tokens(rank):
     disp, _, _ = _dispatch(rank, 4, drop_tokens=True, cf=1.0)
     x_TD, expert_T = _inputs(rank, 4, [0.25] * 4, tokens=TOKENS - 8 * rank)
     with pytest.raises(ValueError, match="same number of tokens"):
-        disp(x_TD, expert_T)
+        disp(x_TD, expert_T[:, None], torch.ones(len(expert_T), 1))
 
 
 def check_indivisible(rank):

@@ -143,15 +143,16 @@ def estimate_seconds(opts: BenchOptions, workers: int) -> float:
     filling the shared experts, and every forward the sweep runs (repeats cut as the bench cuts them)."""
     total = START_S + (DEEPSPEED_START_S if uses_deepspeed(opts.systems) else 0.0)
     for name in models_of(opts):
-        config = resolve(name).config
-        rate = _matmul_rate(config.d_model, config.d_ff) / max(1, workers)  # per worker, its share of the cores
-        expert_bytes = 2 * config.num_sparse_encoder_layers * config.num_experts * config.d_model * config.d_ff * 4
+        source = resolve(name)
+        dims, matrices = source.dims, len(source.family.expert_inputs) + 1
+        rate = _matmul_rate(dims.d_model, dims.d_ff) / max(1, workers)  # per worker, its share of the cores
+        expert_bytes = matrices * dims.moe_layers * dims.num_experts * dims.d_model * dims.d_ff * 4
         total += expert_bytes / FILL_BYTES_PER_S / max(1, workers)
         for batch in opts.batch_sizes:
             for skew in opts.skews:
                 for system in opts.systems:
-                    per_forward = _forward_flops(config, batch * opts.seq_len, _expert_factor(system, config.num_experts, skew, opts)) / rate
-                    per_forward += LAYER_OVERHEAD_S * config.num_layers
+                    per_forward = _forward_flops(dims, matrices, batch * opts.seq_len, _expert_factor(system, dims.num_experts, skew, opts)) / rate
+                    per_forward += LAYER_OVERHEAD_S * dims.num_layers
                     warm = opts.warmup if per_forward < opts.max_cell_seconds / 10 else 1
                     total += (warm + min(opts.iters, max(3, int(opts.max_cell_seconds / per_forward)))) * per_forward
     return total
@@ -165,12 +166,12 @@ def _matmul_rate(d_model: int, d_ff: int) -> float:
     return 5 * 2 * 1024 * d_model * d_ff / (time.perf_counter() - t0)
 
 
-def _forward_flops(config, tokens: int, expert_factor: float) -> float:
-    """Attention projections and dense feed-forwards of every layer, plus the experts' rows."""
-    d, inner = config.d_model, config.num_heads * config.d_kv
-    sparse = config.num_sparse_encoder_layers
-    dense_ff = config.num_layers - sparse
-    per_token = config.num_layers * 4 * d * inner + dense_ff * 2 * d * config.d_ff + sparse * 2 * d * config.d_ff * expert_factor
+def _forward_flops(dims, matrices: int, tokens: int, expert_factor: float) -> float:
+    """Attention projections and dense feed-forwards of every layer, plus the experts' rows (K per token)."""
+    d = dims.d_model
+    dense_layers = dims.num_layers - dims.moe_layers
+    per_token = (dims.num_layers * 4 * d * dims.attention_width + dense_layers * matrices * d * dims.dense_ff
+                 + dims.moe_layers * matrices * d * dims.d_ff * dims.top_k * expert_factor)
     return 2 * tokens * per_token
 
 
@@ -186,10 +187,10 @@ def _expert_factor(system: str, num_experts: int, skew: float, opts: BenchOption
     return 1.0
 
 
-def shared_bytes(config, workers: int) -> int:
-    """Bytes of a model's experts in the bench's shared [G, E, D, F] layout."""
-    return SharedExperts.size_for(config.num_sparse_encoder_layers, config.num_experts, config.d_model,
-                                  slice_bounds(config.d_ff, workers), torch.float32)
+def shared_bytes(source, workers: int) -> int:
+    """Bytes of a model's experts in the bench's shared [G, E, D, H] layout."""
+    dims = source.dims
+    return SharedExperts.size_for(source.family, dims.moe_layers, dims.num_experts, dims.d_model, slice_bounds(dims.d_ff, workers), torch.float32)
 
 
 def bench(opts: BenchOptions) -> dict:
@@ -198,9 +199,9 @@ def bench(opts: BenchOptions) -> dict:
     workers = opts.gpus or default_workers(device)
     pick_device(device, workers)  # raises if this machine cannot host that many
     models = models_of(opts)
-    configs = {m: resolve(m).config for m in models}  # fail here, in one line, rather than in every worker
+    sources = {m: resolve(m) for m in models}  # fail here, in one line, rather than in every worker
     reclaim_orphans()
-    check_room({m: shared_bytes(c, workers) for m, c in configs.items()})
+    check_room({m: shared_bytes(s, workers) for m, s in sources.items()})
     run_id = new_run_id()
     job = BenchJob(run_id=run_id, models=models, batch_sizes=opts.batch_sizes, seq_len=opts.seq_len, skews=opts.skews,
                    hot_experts=opts.hot_experts, seed=opts.seed, systems=opts.systems, iters=opts.iters, warmup=opts.warmup,

@@ -1,8 +1,9 @@
 """The DeepSpeed-MoE baseline: the real `deepspeed.moe.layer.MoE`, wrapped as a moeshard dispatch.
 
-It follows the dispatch contract of moe/dispatch.py (`(x_TD, expert_T) -> (y_TD, counts_GE)`,
-token and drop counters, `reset()`): `ShardedSparseMLP` runs the router and scales by the
-router probability around it, so every system of the bench sees the same assignment.
+It follows the dispatch contract of moe/dispatch.py (`(x_TD, ids_TK, weights_TK) -> (y_TD,
+counts_GE)`, token and drop counters, `reset()`) for top-1 routing (K = 1) and Switch's ReLU
+experts: the router runs outside it, so every system of the bench sees the same assignment,
+and the expert output is scaled by the router's weight after DeepSpeed's layer.
 
 What is DeepSpeed's own here, and what is forced:
 - The layer is DeepSpeed's `MoE` (top-1 `TopKGate` + `MOELayer` + `Experts`), expert
@@ -285,7 +286,10 @@ class DeepSpeedDispatch(Counted):
                              f"expert has {int(counts_GE.max())} tokens from one worker but a worker has only "
                              f"{int(rows_G.min())}; give every worker the same number of tokens")
 
-    def __call__(self, x_TD: torch.Tensor, expert_T: torch.Tensor):
+    def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor):
+        if ids_TK.shape[1] != 1:
+            raise ValueError(f"DeepSpeedDispatch forces top-1 routing, not top-{ids_TK.shape[1]}")
+        expert_T = ids_TK[:, 0]
         counts_E = torch.bincount(expert_T, minlength=self.num_experts)
         counts_GE = self.comm.all_gather_counts(counts_E)
         self._check_capacities(counts_GE)
@@ -300,7 +304,7 @@ class DeepSpeedDispatch(Counted):
         finally:
             self._expert_T = None
         self.count(T, int(self.last_dropped_T.sum()))
-        return y_TD, counts_GE
+        return y_TD * weights_TK, counts_GE
 
 
 __all__ = ["EXTENSIONS_DIR", "DeepSpeedDispatch", "DenseActDense", "deepspeed_capacity", "deepspeed_version",

@@ -9,16 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeshard_cli.bench.weights import SharedExperts
 from moeshard_cli.moe.dispatch import Counted, ExpertParallelDispatch, ShardedDispatch
 from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.experts import GroupedExperts
-from moeshard_cli.switch import transformers_experts
 
-SYSTEMS = ("moeshard", "deepspeed", "deepspeed-dropless", "ep", "hf")
+SYSTEMS = ("moeshard", "deepspeed", "deepspeed-dropless", "ep", "hf", "tp")
 DEFAULT_SYSTEMS = "moeshard,deepspeed,ep"
 
 
@@ -41,9 +39,9 @@ class SlicedExperts(nn.Module):
     slices' outputs add up to the experts' (the sharding rule, switch.py), so expert-parallel
     systems read the same bytes as MoEShard without a second copy of the weights."""
 
-    def __init__(self, w_in_GEDF: torch.Tensor, w_out_GEFD: torch.Tensor, act: nn.Module, backend: str):
+    def __init__(self, w_in_GEDH: torch.Tensor, w_out_GEFD: torch.Tensor, act: nn.Module, backend: str):
         super().__init__()
-        self.slices = nn.ModuleList(GroupedExperts(w_in, w_out, act, backend) for w_in, w_out in zip(w_in_GEDF, w_out_GEFD))
+        self.slices = nn.ModuleList(GroupedExperts(w_in, w_out, act, backend) for w_in, w_out in zip(w_in_GEDH, w_out_GEFD))
 
     @property
     def num_experts(self) -> int:
@@ -57,38 +55,40 @@ class SlicedExperts(nn.Module):
 
 
 class TransformersExpertsDispatch(Counted):
-    """transformers' own `SwitchTransformersExperts` on this worker's tokens, with a full copy
+    """transformers' own experts module of the family on this worker's tokens, with a full copy
     of every expert and no communication: plain data parallelism, dropless."""
 
-    def __init__(self, config, shared: SharedExperts, layer: int):
-        self.experts = transformers_experts(config, [shared.full_expert(layer, e) for e in range(config.num_experts)])
-        self.num_experts = config.num_experts
+    def __init__(self, family, config, shared: SharedExperts, layer: int):
+        self.num_experts = family.dims(config).num_experts
+        self.experts = family.transformers_experts(config, [shared.full_expert(layer, e) for e in range(self.num_experts)])
 
-    def __call__(self, x_TD: torch.Tensor, expert_T: torch.Tensor):
-        one_hot_T1E = F.one_hot(expert_T, self.num_experts)[:, None, :]
-        y_TD = self.experts(x_TD, one_hot_T1E, x_TD.new_ones(x_TD.shape[0], 1))
+    def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor):
+        y_TD = self.experts(x_TD, ids_TK, weights_TK)
         self.count(x_TD.shape[0])
-        return y_TD, torch.bincount(expert_T, minlength=self.num_experts)[None].cpu()
+        return y_TD, torch.bincount(ids_TK.reshape(-1), minlength=self.num_experts)[None].cpu()
 
 
-def build_dispatch(name: str, layer: int, config, shared: SharedExperts, comm: Collectives, timer, act, backend: str,
+def build_dispatch(name: str, layer: int, family, config, shared: SharedExperts, comm: Collectives, timer, act, backend: str,
                    capacity_factor: float | None, free_bytes: int):
-    E, G, r = config.num_experts, comm.world, comm.rank
+    dims = family.dims(config)
+    E, G, r = dims.num_experts, comm.world, comm.rank
     if name == "moeshard":
-        return ShardedDispatch(GroupedExperts(shared.w_in_GEDF[layer][r], shared.w_out_GEFD[layer][r], act, backend), comm, timer)
+        return ShardedDispatch(GroupedExperts(shared.w_in_GEDH[layer][r], shared.w_out_GEFD[layer][r], act, backend), comm, timer)
     if name == "hf":
         need = shared.nbytes * G  # every worker holds a full copy of the experts
         if need > 0.8 * free_bytes:
             return Skip(f"needs a full copy of the experts per worker ({need / 2**30:.1f} GiB), {free_bytes / 2**30:.1f} GiB free")
-        return TransformersExpertsDispatch(config, shared, layer)
+        return TransformersExpertsDispatch(family, config, shared, layer)
     if E % G:
         return Skip(f"E={E} is not divisible by {G} workers (whole experts per worker)")
     local = slice(r * E // G, (r + 1) * E // G)
-    w_in_GLDF, w_out_GLFD = shared.w_in_GEDF[layer][:, local], shared.w_out_GEFD[layer][:, local]
+    w_in_GLDH, w_out_GLFD = shared.w_in_GEDH[layer][:, local], shared.w_out_GEFD[layer][:, local]
     if name == "ep":
-        return ExpertParallelDispatch(SlicedExperts(w_in_GLDF, w_out_GLFD, act, backend), E, comm, timer)
+        return ExpertParallelDispatch(SlicedExperts(w_in_GLDH, w_out_GLFD, act, backend), E, comm, timer)
+    if dims.top_k != 1 or family.decoder:
+        return Skip(f"DeepSpeed-MoE's forced gate here is top-1 with Switch's ReLU experts; {family.name} routes top-{dims.top_k} to gated experts")
     from moeshard_cli.bench.deepspeed_moe import DeepSpeedDispatch
 
     dropless = name == "deepspeed-dropless"
     cf = capacity_factor if capacity_factor is not None else paper_capacity_factor(E)
-    return DeepSpeedDispatch(w_in_GLDF, w_out_GLFD, E, act, drop_tokens=not dropless, capacity_factor=cf, comm=comm)
+    return DeepSpeedDispatch(w_in_GLDH, w_out_GLFD, E, act, drop_tokens=not dropless, capacity_factor=cf, comm=comm)

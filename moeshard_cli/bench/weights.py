@@ -3,8 +3,9 @@
 The systems under test partition the same experts differently: MoEShard by d_ff slices,
 expert parallelism (and DeepSpeed) by whole experts. Holding both layouts would need twice
 the expert bytes (29 GB at E=128 in fp32, more than this machine has), so every worker maps
-one file in /dev/shm laid out as `w_in_GEDF` [G, E, d_model, F] and `w_out_GEFD`
-[G, E, F, d_model], G = number of workers, F = the (padded) slice width. MoEShard rank g
+one file in /dev/shm laid out as `w_in_GEDH` [G, E, d_model, H] and `w_out_GEFD`
+[G, E, F, d_model], G = number of workers, F = the (padded) slice width, H = F, or 2F for a
+gated family's gate and up blocks (moe/experts.stack_experts' layout). MoEShard rank g
 uses `[g]`, contiguous; an expert-parallel rank uses `[:, its experts]`, G contiguous
 slices whose outputs add up (measured as fast as one full-width matmul). Workers fill
 disjoint experts in parallel.
@@ -24,30 +25,32 @@ import torch
 from moeshard_cli.shard.sources import Source
 from moeshard_cli.errors import UserError
 from moeshard_cli.moe.experts import padded_width
-from moeshard_cli.switch import expert_key, expert_layers as _expert_layers, join_expert, slice_expert
+from moeshard_cli.shard.plan import join_slices, slice_along
 
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 
 
 def expert_layers(source: Source) -> list[int]:
-    return _expert_layers(e.name for e in source.tensors)
+    return source.family.expert_layers(e.name for e in source.tensors)
 
 
 class SharedExperts:
-    def __init__(self, path: Path, layers: list[int], num_experts: int, d_model: int, bounds: list[tuple[int, int]], dtype: torch.dtype):
-        self.path, self.layers, self.bounds = path, layers, bounds
-        G, E, D = len(bounds), num_experts, d_model
+    def __init__(self, path: Path, family, layers: list[int], num_experts: int, d_model: int, bounds: list[tuple[int, int]],
+                 dtype: torch.dtype):
+        self.path, self.family, self.layers, self.bounds = path, family, layers, bounds
+        G, E, D, n = len(bounds), num_experts, d_model, len(family.expert_inputs)
         self.width = padded_width(max(hi - lo for lo, hi in bounds), dtype)
-        per_matrix = G * E * D * self.width
-        self.nbytes = 2 * len(layers) * per_matrix * dtype.itemsize
+        per_out = G * E * D * self.width
+        per_layer = (n + 1) * per_out
+        self.nbytes = len(layers) * per_layer * dtype.itemsize
         if not path.exists():
             raise FileNotFoundError(path)
-        flat = torch.from_file(str(path), shared=True, size=2 * len(layers) * per_matrix, dtype=dtype)
-        self.w_in_GEDF, self.w_out_GEFD = {}, {}
-        for n, layer in enumerate(layers):
-            base = 2 * n * per_matrix
-            self.w_in_GEDF[layer] = flat[base : base + per_matrix].view(G, E, D, self.width)
-            self.w_out_GEFD[layer] = flat[base + per_matrix : base + 2 * per_matrix].view(G, E, self.width, D)
+        flat = torch.from_file(str(path), shared=True, size=len(layers) * per_layer, dtype=dtype)
+        self.w_in_GEDH, self.w_out_GEFD = {}, {}
+        for i, layer in enumerate(layers):
+            base = i * per_layer
+            self.w_in_GEDH[layer] = flat[base : base + n * per_out].view(G, E, D, n * self.width)
+            self.w_out_GEFD[layer] = flat[base + n * per_out : base + per_layer].view(G, E, self.width, D)
 
     @staticmethod
     def create(path: Path, nbytes: int) -> None:
@@ -56,25 +59,30 @@ class SharedExperts:
             f.truncate(nbytes)
 
     @staticmethod
-    def size_for(layers: int, num_experts: int, d_model: int, bounds, dtype: torch.dtype) -> int:
-        return 2 * layers * len(bounds) * num_experts * d_model * padded_width(max(hi - lo for lo, hi in bounds), dtype) * dtype.itemsize
+    def size_for(family, layers: int, num_experts: int, d_model: int, bounds, dtype: torch.dtype) -> int:
+        matrices = len(family.expert_inputs) + 1
+        return matrices * layers * len(bounds) * num_experts * d_model * padded_width(max(hi - lo for lo, hi in bounds), dtype) * dtype.itemsize
 
     def fill(self, source: Source, rank: int, world: int) -> None:
         """Worker `rank` loads experts e with e % world == rank and writes all their slices."""
-        entries = {e.name: e for e in source.tensors}
+        entries, family, W = {e.name: e for e in source.tensors}, self.family, self.width
         for layer in self.layers:
-            for e in range(rank, self.w_in_GEDF[layer].shape[1], world):
-                wi_FD = entries[expert_key(layer, e, "wi")].load()
-                wo_DF = entries[expert_key(layer, e, "wo")].load()
+            for e in range(rank, self.w_in_GEDH[layer].shape[1], world):
+                inputs = [entries[family.expert_key(layer, e, m)].load() for m in family.expert_inputs]
+                out = entries[family.expert_key(layer, e, family.expert_output)].load()
                 for g, (lo, hi) in enumerate(self.bounds):
-                    self.w_in_GEDF[layer][g, e, :, : hi - lo] = slice_expert("wi", wi_FD, lo, hi).T
-                    self.w_out_GEFD[layer][g, e, : hi - lo, :] = slice_expert("wo", wo_DF, lo, hi).T
+                    for j, (m, full) in enumerate(zip(family.expert_inputs, inputs)):
+                        self.w_in_GEDH[layer][g, e, :, j * W : j * W + hi - lo] = slice_along(full, family.sliced_dim(m), lo, hi).T
+                    self.w_out_GEFD[layer][g, e, : hi - lo, :] = slice_along(out, family.sliced_dim(family.expert_output), lo, hi).T
 
-    def full_expert(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(wi [F, D], wo [D, F]) in transformers' layout, concatenated from the slices (a copy)."""
-        wi = join_expert("wi", [self.w_in_GEDF[layer][g, e, :, : hi - lo].T for g, (lo, hi) in enumerate(self.bounds)])
-        wo = join_expert("wo", [self.w_out_GEFD[layer][g, e, : hi - lo, :].T for g, (lo, hi) in enumerate(self.bounds)])
-        return wi, wo
+    def full_expert(self, layer: int, e: int) -> dict[str, torch.Tensor]:
+        """{matrix: full weight} in transformers' per-expert layout, concatenated from the slices (copies)."""
+        family, W = self.family, self.width
+        full = {m: join_slices([self.w_in_GEDH[layer][g, e, :, j * W : j * W + hi - lo].T for g, (lo, hi) in enumerate(self.bounds)],
+                               family.sliced_dim(m)) for j, m in enumerate(family.expert_inputs)}
+        full[family.expert_output] = join_slices([self.w_out_GEFD[layer][g, e, : hi - lo, :].T for g, (lo, hi) in enumerate(self.bounds)],
+                                                 family.sliced_dim(family.expert_output))
+        return full
 
 
 def new_run_id() -> str:

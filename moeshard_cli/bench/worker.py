@@ -8,32 +8,33 @@ alike. A sample is one full encoder forward (TTFT), the slowest worker's time.
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
-from transformers.activations import ACT2FN
 
 from moeshard_cli.bench.systems import Skip, build_dispatch, uses_deepspeed
+from moeshard_cli.bench.tensor_parallel import TensorParallelSystem, checkpoint_for
 from moeshard_cli.bench.weights import SharedExperts, available_memory, expert_layers, shm_path
 from moeshard_cli.shard.sources import resolve
 from moeshard_cli.launch import worker_process_group
-from moeshard_cli.model import build_shell
+from moeshard_cli.model import build_shell, moe_module
 from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.experts import resolve_backend
-from moeshard_cli.moe.layer import ShardedSparseMLP, TokenContext, token_ids_for
+from moeshard_cli.moe.layer import TokenContext, token_ids_for
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.moe.timing import SectionTimer
 from moeshard_cli.shard.plan import slice_bounds
-from moeshard_cli.switch import parse_expert_key, sparse_ff
 
 
 @dataclass
 class BenchJob:
     run_id: str
-    models: list[str]  # one source per experts value (built-in switch-base-E, or --model)
+    models: list[str]  # one source per experts value (built-in switch-base-E), or --model
     batch_sizes: list[int]
     seq_len: int
     skews: list[float]
@@ -65,13 +66,13 @@ def _sum_all(values: list[float]) -> list[float]:
 
 
 class LayerClock:
-    """Wall time of each sparse block's feed-forward (norm + MoE + residual), per forward."""
+    """Wall time of each MoE layer (the family's `moe_block`: router and experts), per forward."""
 
-    def __init__(self, model, layers: list[int], device):
+    def __init__(self, family, model, layers: list[int], device):
         self.times: dict[int, float] = {}
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for i in layers:
-            ff = sparse_ff(model, i)
+            ff = family.moe_block(model, i)
             ff.register_forward_pre_hook(lambda m, a, i=i: self._start(i))
             ff.register_forward_hook(lambda m, a, o, i=i: self._stop(i))
         self._t0 = {}
@@ -123,11 +124,11 @@ class _Progress:
 
 def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, progress) -> list[dict]:
     source = resolve(model_name)
-    config = source.config
-    E, D = config.num_experts, config.d_model
+    family, config, dims = source.family, source.config, source.dims
+    E, D = dims.num_experts, dims.d_model
     layers = expert_layers(source)
-    bounds = slice_bounds(config.d_ff, world)
-    need = SharedExperts.size_for(len(layers), E, D, bounds, torch.float32)
+    bounds = slice_bounds(dims.d_ff, world)
+    need = SharedExperts.size_for(family, len(layers), E, D, bounds, torch.float32)
     free = int(_max_all([-available_memory()])[0] * -1)  # the smallest free memory of any worker
     if need > 0.85 * free:
         reason = f"out of memory: the experts need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
@@ -139,64 +140,104 @@ def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, 
     if rank == 0:
         SharedExperts.create(path, need)
     dist.barrier()
-    shared = SharedExperts(path, layers, E, D, bounds, torch.float32)
+    shared = SharedExperts(path, family, layers, E, D, bounds, torch.float32)
     shared.fill(source, rank, world)
     dist.barrier()
 
     timer = SectionTimer(device, enabled=False)
     comm, ctx = Collectives(timer=timer), TokenContext()
-    mlps = {}  # block index -> its ShardedSparseMLP; each system only swaps their dispatch
+    mlps = {}  # layer -> moeshard's MoE module there; each system only swaps their dispatch
 
     def make(i):
-        mlps[i] = ShardedSparseMLP(D, E, config.router_bias, None, RouterSpec(), ctx, i)
+        mlps[i] = moe_module(family, config, None, RouterSpec(), ctx, i)
         return mlps[i]
 
-    model, _ = build_shell(config, {e.name: e.load() for e in source.tensors if not parse_expert_key(e.name)}, make, device)
-    clock = LayerClock(model, layers, device) if job.per_layer else None
+    replicated = {e.name: e.load() for e in source.tensors if not family.parse_expert_key(e.name)}
+    model, _ = build_shell(family, config, replicated, make, device)
+    clock = LayerClock(family, model, layers, device) if job.per_layer else None
     backend = resolve_backend(job.backend, device, D, torch.float32)
-    act = ACT2FN[config.dense_act_fn]
+    act = family.act(config)
     free -= need
 
-    systems: dict[str, dict | Skip] = {}
+    systems: dict[str, dict | TensorParallelSystem | Skip] = {}
+    tp_dir = path.with_name(path.stem + "-tp")
     for name in job.systems:
-        built = {i: build_dispatch(name, i, config, shared, comm, timer, act, backend, job.capacity_factor, free) for i in layers}
+        if name == "tp":
+            systems[name] = _tensor_parallel(source, tp_dir, rank, world, device)
+            continue
+        built = {i: build_dispatch(name, i, family, config, shared, comm, timer, act, backend, job.capacity_factor, free) for i in layers}
         systems[name] = next((d for d in built.values() if isinstance(d, Skip)), None) or built
 
     cells = []
     for batch in job.batch_sizes:
         gen = torch.Generator().manual_seed(job.seed * 7919 + batch * 31 + rank)
-        ids = torch.randint(2, config.vocab_size, (batch, job.seq_len), generator=gen).to(device)
+        ids = torch.randint(2, dims.vocab_size, (batch, job.seq_len), generator=gen).to(device)
         mask = torch.ones_like(ids)
         ctx.set_batch(mask, token_ids_for(list(range(rank * batch, (rank + 1) * batch)), job.seq_len).to(device))
         for skew in job.skews:
             spec = RouterSpec("skewed", skew, job.hot_experts, job.seed)
+            for system in systems.values():
+                if isinstance(system, TensorParallelSystem):
+                    system.spec = spec
+                    system.set_inputs(ids, mask)
             for mlp in mlps.values():
                 mlp.spec = spec
             where = dict(experts=E, model=model_name, batch_size=batch, seq_len=job.seq_len, skew=skew, workers=world)
-            cells += _bench_cell(job, model, mlps, systems, clock, ids, mask, where, rank, world, device, progress)
+            cells += _bench_cell(job, family, model, mlps, systems, clock, ids, mask, where, rank, world, device, progress)
     del systems, model  # the views into shared memory go before it is unlinked
     mlps.clear()
     dist.barrier()
     if rank == 0:
         path.unlink(missing_ok=True)
+        shutil.rmtree(tp_dir, ignore_errors=True)
     return cells
 
 
-def _forward(model, ids, mask, device):
-    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+def _tensor_parallel(source, directory, rank: int, world: int, device) -> TensorParallelSystem | Skip:
+    """transformers' tensor-parallel plan, or why it cannot run here (the same answer on every worker)."""
+    dims = source.dims
+    if not source.family.decoder:
+        return Skip("transformers has no tensor-parallel plan for Switch Transformers")
+    if importlib.util.find_spec("accelerate") is None:
+        return Skip("transformers' tensor-parallel loading needs accelerate (pip install accelerate)")
+    if dims.d_ff % world or (dims.d_ff // world * 4) % 16:
+        return Skip(f"transformers' plan cuts F={dims.d_ff} into {world} equal slices whose rows must be multiples of 16 bytes "
+                    "(its grouped_mm: 'strides should be multiple of 16 bytes')")
+    return TensorParallelSystem(source, checkpoint_for(source, directory, rank), rank, world, device)
+
+
+def _forward(family, model, ids, mask, device):
+    out = family.hidden_states(model, ids, mask)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return out
 
 
-def _use(mlps, dispatches):
+def _use(mlps, system):
+    if isinstance(system, TensorParallelSystem):
+        return
     for i, mlp in mlps.items():
-        mlp.dispatch = dispatches[i]
+        mlp.dispatch = system[i]
         mlp.load.reset()
 
 
+def _run(family, model, system, ids, mask, device) -> torch.Tensor:
+    """One forward of `system` (after `_use`): the hidden states of this worker's sequences."""
+    if isinstance(system, TensorParallelSystem):
+        out = system.forward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return out
+    return _forward(family, model, ids, mask, device)
+
+
+def _counters(system) -> list:
+    """The objects that count a system's routed and dropped tokens (its dispatches)."""
+    return [system] if isinstance(system, TensorParallelSystem) else list(system.values())
+
+
 @torch.inference_mode()
-def _bench_cell(job, model, mlps, systems, clock, ids, mask, config: dict, rank: int, world: int, device, progress) -> list[dict]:
+def _bench_cell(job, family, model, mlps, systems, clock, ids, mask, config: dict, rank: int, world: int, device, progress) -> list[dict]:
     runnable = [n for n, s in systems.items() if not isinstance(s, Skip)]
     rows = {n: dict(config, system=n, samples=[], per_layer={}, skipped=s.reason) for n, s in systems.items() if isinstance(s, Skip)}
     outputs, iters = {}, {}
@@ -206,14 +247,14 @@ def _bench_cell(job, model, mlps, systems, clock, ids, mask, config: dict, rank:
         if progress:
             progress.show(f"E={config['experts']} batch {config['batch_size']} skew {config['skew']:g}: {name}")
         _use(mlps, systems[name])
-        for d in systems[name].values():
+        for d in _counters(systems[name]):
             d.reset()  # a cell's dropped tokens are its own, whatever ran before it
         t0 = time.perf_counter()
-        outputs[name] = _forward(model, ids, mask, device).float().cpu()
+        outputs[name] = _run(family, model, systems[name], ids, mask, device).float().cpu()
         first = _max_all([time.perf_counter() - t0])[0]
         # A forward that takes a good part of the cell's budget is warm after one run.
         for _ in range(job.warmup - 1 if first < job.max_cell_seconds / 10 else 0):
-            _forward(model, ids, mask, device)
+            _run(family, model, systems[name], ids, mask, device)
         # Slow systems get fewer repeats (never fewer than 3) so a sweep stays within budget.
         iters[name] = max(min(job.iters, 3), min(job.iters, int(job.max_cell_seconds / max(first, 1e-9))))
         rows[name] = dict(config, system=name, samples=[], per_layer={str(i): [] for i in mlps}, skipped=None,
@@ -226,11 +267,11 @@ def _bench_cell(job, model, mlps, systems, clock, ids, mask, config: dict, rank:
             _use(mlps, systems[name])
             dist.barrier()
             t0 = time.perf_counter()
-            _forward(model, ids, mask, device)
+            _run(family, model, systems[name], ids, mask, device)
             rows[name]["samples"].append(_max_all([time.perf_counter() - t0])[0])
             if progress and len(rows[name]["samples"]) == iters[name]:
                 progress.done()
-            if clock:
+            if clock and not isinstance(systems[name], TensorParallelSystem):
                 per = _max_all([clock.times[i] for i in mlps])
                 for i, t in zip(mlps, per):
                     rows[name]["per_layer"][str(i)].append(t)
@@ -238,15 +279,15 @@ def _bench_cell(job, model, mlps, systems, clock, ids, mask, config: dict, rank:
     for name in runnable:
         row = rows[name]
         row["max_abs_diff_vs_moeshard"] = _max_all([(outputs[name] - ref).abs().max().item()])[0] if ref is not None else None
-        dropped, routed = _sum_all([sum(d.dropped for d in systems[name].values()), sum(d.tokens for d in systems[name].values())])
+        dropped, routed = _sum_all([sum(d.dropped for d in _counters(systems[name])), sum(d.tokens for d in _counters(systems[name]))])
         row["dropped_pct"] = 100.0 * dropped / routed if routed else 0.0
     return [rows[n] for n in systems] if rank == 0 else []
 
 
 def _imbalance(name: str, mlps, world: int) -> float:
     """Busiest worker's share of expert tokens over the ideal 1/world, worst layer (after one forward)."""
-    if name in ("moeshard", "hf") or world == 1:
-        return 1.0  # moeshard: every worker computes 1/world of every token; hf: its own equal batch
+    if name in ("moeshard", "hf", "tp") or world == 1:
+        return 1.0  # moeshard, tp: every worker computes 1/world of every token; hf: its own equal batch
     worst = 0.0
     for m in mlps.values():
         tokens_E = m.load.tokens_E

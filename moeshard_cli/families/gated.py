@@ -164,6 +164,21 @@ class GatedDecoderFamily:
         """The last hidden states (after the final norm), [B, S, D]."""
         return model.model(input_ids=ids, attention_mask=mask).last_hidden_state
 
+    def transformers_experts(self, config, experts: list[dict[str, torch.Tensor]]):
+        """transformers' own experts module of the family holding the given weights (fused once), as
+        `(x_TD, ids_TK, weights_TK) -> y_TD`; its grouped_mm implementation where widths allow."""
+        import importlib
+
+        c = self.config(config)
+        module = importlib.import_module(f"transformers.models.{self.model_type}.modeling_{self.model_type}")
+        with torch.device("meta"):
+            layer = getattr(module, self.config_class_name.replace("Config", "Experts"))(c).eval()
+        layer.gate_up_proj = nn.Parameter(torch.stack([torch.cat([w["gate_proj"], w["up_proj"]]) for w in experts]), requires_grad=False)
+        layer.down_proj = nn.Parameter(torch.stack([w["down_proj"] for w in experts]), requires_grad=False)
+        aligned = getattr(c, self.d_ff_attr) * layer.down_proj.element_size() % 16 == 0
+        c._experts_implementation = "grouped_mm" if aligned else "eager"  # CPU grouped_mm needs 16-byte rows
+        return layer
+
     # ---------------------------------------------------------------- the oracle
 
     def fuse(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -59,19 +59,6 @@ def sparse_mlp(model, block: int) -> nn.Module:
     return sparse_ff(model, block).mlp
 
 
-def transformers_experts(config, experts: list[tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
-    """transformers' own SwitchTransformersExperts holding the given (wi, wo) weights (no copy)."""
-    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersExperts
-
-    with torch.device("meta"):
-        module = SwitchTransformersExperts(switch_config(config)).eval()
-    for e, (wi, wo) in enumerate(experts):
-        expert = module[f"expert_{e}"]
-        expert.wi.weight = nn.Parameter(wi, requires_grad=False)
-        expert.wo.weight = nn.Parameter(wo, requires_grad=False)
-    return module
-
-
 class SwitchFamily:
     name = model_type = "switch_transformers"
     decoder = False
@@ -153,6 +140,20 @@ class SwitchFamily:
 
     def hidden_states(self, model, ids, mask) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def transformers_experts(self, config, experts: list[dict[str, torch.Tensor]]):
+        """transformers' own SwitchTransformersExperts holding the given weights (no copy), as
+        `(x_TD, ids_TK, weights_TK) -> y_TD` for a top-1 assignment."""
+        from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersExperts
+
+        with torch.device("meta"):
+            module = SwitchTransformersExperts(switch_config(config)).eval()
+        for e, weights in enumerate(experts):
+            expert = module[f"expert_{e}"]
+            expert.wi.weight = nn.Parameter(weights["wi"], requires_grad=False)
+            expert.wo.weight = nn.Parameter(weights["wo"], requires_grad=False)
+        E = len(experts)
+        return lambda x_TD, ids_TK, weights_TK: module(x_TD, torch.nn.functional.one_hot(ids_TK[:, 0], E)[:, None, :], weights_TK)
 
     # ---------------------------------------------------------------- the oracle
 
