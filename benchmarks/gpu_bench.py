@@ -83,18 +83,18 @@ def planned_batches(shards: Path, corpus: Path, args) -> list[list[list[int]]]:
 
 
 def transformers_encoder(shards: Path, device: torch.device):
-    """forward(ids_BS, mask_BS) -> hidden_BSD of transformers' dropless encoder, in the shard set's dtype."""
-    from moeshard_cli.reference import reassemble_state, reference_encoder
+    """forward(ids_BS, mask_BS) -> hidden_BSD of transformers' dropless model, in the shard set's dtype."""
+    from moeshard_cli.reference import reference_model
     from moeshard_cli.shard.manifest import read_shard_set
 
     shard_set = read_shard_set(shards)
-    model = reference_encoder(shard_set.config, reassemble_state(shard_set)).to(device)
-    return lambda ids_BS, mask_BS: model(input_ids=ids_BS, attention_mask=mask_BS).last_hidden_state
+    model = reference_model(shard_set).to(device)
+    return lambda ids_BS, mask_BS: shard_set.family.hidden_states(model, ids_BS, mask_BS)
 
 
 def moeshard_encoder(shards: Path, device: torch.device, attention: str = "eager"):
-    """forward(ids_BS, mask_BS) -> hidden_BSD of the run worker's encoder (model.sharded_encoder) at world size 1."""
-    from moeshard_cli.model import sharded_encoder
+    """forward(ids_BS, mask_BS) -> hidden_BSD of the run worker's model (model.sharded_model) at world size 1."""
+    from moeshard_cli.model import sharded_model
     from moeshard_cli.moe.exchange import Collectives
     from moeshard_cli.moe.layer import token_ids_for
     from moeshard_cli.moe.routing import RouterSpec
@@ -102,11 +102,11 @@ def moeshard_encoder(shards: Path, device: torch.device, attention: str = "eager
     from moeshard_cli.shard.manifest import read_shard_set
 
     timer = SectionTimer(device, enabled=False)  # nothing reads the section times here
-    encoder = sharded_encoder(read_shard_set(shards), 0, device, "auto", RouterSpec(), Collectives(timer=timer), timer, attention)
+    sharded = sharded_model(read_shard_set(shards), 0, device, "auto", RouterSpec(), Collectives(timer=timer), timer, attention)
 
     def forward(ids_BS, mask_BS):
-        encoder.ctx.set_batch(mask_BS, token_ids_for(list(range(ids_BS.shape[0])), ids_BS.shape[1]).to(device))
-        return encoder.model(input_ids=ids_BS, attention_mask=mask_BS).last_hidden_state
+        sharded.ctx.set_batch(mask_BS, token_ids_for(list(range(ids_BS.shape[0])), ids_BS.shape[1]).to(device))
+        return sharded.hidden_states(ids_BS, mask_BS)
 
     return forward
 
@@ -136,7 +136,6 @@ def encode_seconds(forward, batches: list[list[list[int]]], pad_id: int, device:
 
 def throughput(args) -> None:
     from moeshard_cli.shard.manifest import read_shard_set
-    from moeshard_cli.switch import switch_config
 
     args.work.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -151,16 +150,17 @@ def throughput(args) -> None:
         batches = planned_batches(shards, corpus, args)
         lengths = [len(r) for rows in batches for r in rows]
         assert sum(lengths) == figures["tokens"], "the replayed batches must hold the run's tokens"
-        config = switch_config(read_shard_set(shards).config)
+        shard_set = read_shard_set(shards)
+        pad_id = shard_set.family.pad_id(shard_set.config)
         seconds, first = {}, {}
         arms = (("moeshard", moeshard_encoder), ("moeshard_fused", lambda s, d: moeshard_encoder(s, d, "fused")),
                 ("transformers", transformers_encoder))
         for name, build in arms:
             forward = build(shards, device)
             with torch.inference_mode():  # the first batch's rows: both encoders must agree on them
-                first[name] = pooled_rows(forward, batches[0], config.pad_token_id or 0, device).cpu()
-            encode_seconds(forward, batches[:2], config.pad_token_id or 0, device)  # warm-up: kernels load on first use
-            seconds[name] = [encode_seconds(forward, batches, config.pad_token_id or 0, device) for _ in range(args.repeats)]
+                first[name] = pooled_rows(forward, batches[0], pad_id, device).cpu()
+            encode_seconds(forward, batches[:2], pad_id, device)  # warm-up: kernels load on first use
+            seconds[name] = [encode_seconds(forward, batches, pad_id, device) for _ in range(args.repeats)]
             del forward
             if device.type == "cuda":
                 torch.cuda.empty_cache()
