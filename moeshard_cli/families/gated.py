@@ -24,6 +24,10 @@ from torch import nn
 from moeshard_cli.families import Dims
 
 MATRICES = ("gate_proj", "up_proj", "down_proj")
+# What the built-ins of every gated family share: ByT5's byte ids (end of sequence 1, pad 0), untied head.
+_IDS = dict(pad_token_id=0, bos_token_id=None, eos_token_id=1, tie_word_embeddings=False)
+TINY = dict(_IDS, vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
+MID = dict(_IDS, vocab_size=32768, hidden_size=768, num_hidden_layers=6, num_attention_heads=12, max_position_embeddings=4096)
 _SLICED_DIM = {"gate_proj": 0, "up_proj": 0, "down_proj": 1}  # rows of gate and up, columns of down
 _RANK_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")

@@ -6,16 +6,12 @@ Its checkpoints name the MoE block `block_sparse_moe` and the expert matrices `w
 
 from __future__ import annotations
 
-from moeshard_cli.families.gated import GatedDecoderFamily
+from moeshard_cli.families.gated import MID, TINY, GatedDecoderFamily
 
 BUILTINS = {
-    "tiny-mixtral": {"model_type": "mixtral", "vocab_size": 384, "hidden_size": 64, "intermediate_size": 38, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
-                     "max_position_embeddings": 512, "pad_token_id": 0, "bos_token_id": None, "eos_token_id": 1, "tie_word_embeddings": False},
+    "tiny-mixtral": dict(TINY, model_type="mixtral", intermediate_size=38, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2),
     # Mixtral-8x7B's shape, scaled down: 8 experts 2.7x as wide as the model, top-2.
-    "mixtral-mid": {"model_type": "mixtral", "vocab_size": 32768, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 6,
-                    "num_attention_heads": 12, "num_key_value_heads": 4, "num_local_experts": 8, "num_experts_per_tok": 2,
-                    "max_position_embeddings": 4096, "pad_token_id": 0, "bos_token_id": None, "eos_token_id": 1, "tie_word_embeddings": False},
+    "mixtral-mid": dict(MID, model_type="mixtral", intermediate_size=2048, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2),
 }
 
 

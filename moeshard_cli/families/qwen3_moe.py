@@ -6,20 +6,15 @@ Experts are `moe_intermediate_size` wide; layers listed in `mlp_only_layers`, or
 
 from __future__ import annotations
 
-from moeshard_cli.families.gated import GatedDecoderFamily
+from moeshard_cli.families.gated import MID, TINY, GatedDecoderFamily
 
-_TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=512, pad_token_id=0, bos_token_id=None, eos_token_id=1,
-             tie_word_embeddings=False)
 BUILTINS = {
-    # moe_intermediate_size 38 divides by neither 3 nor 4; layer 1 is dense (mlp_only_layers).
-    "tiny-qwen3-moe": {**_TINY, "model_type": "qwen3_moe", "moe_intermediate_size": 38, "num_experts": 8, "num_experts_per_tok": 2,
-                       "norm_topk_prob": True, "mlp_only_layers": [1]},
+    # moe_intermediate_size 38 divides by neither 3 nor 4; layer 1 of 3 is dense (mlp_only_layers).
+    "tiny-qwen3-moe": dict(TINY, model_type="qwen3_moe", num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=38,
+                           num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1]),
     # Qwen3-30B-A3B's shape, scaled down: many narrow experts, top-8.
-    "qwen3-moe-mid": {"model_type": "qwen3_moe", "vocab_size": 32768, "hidden_size": 768, "intermediate_size": 2048,
-                      "moe_intermediate_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "num_key_value_heads": 4,
-                      "head_dim": 64, "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": True,
-                      "max_position_embeddings": 4096, "pad_token_id": 0, "bos_token_id": None, "eos_token_id": 1, "tie_word_embeddings": False},
+    "qwen3-moe-mid": dict(MID, model_type="qwen3_moe", intermediate_size=2048, moe_intermediate_size=384, num_key_value_heads=4,
+                          head_dim=64, num_experts=64, num_experts_per_tok=8, norm_topk_prob=True),
 }
 
 
