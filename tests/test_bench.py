@@ -166,3 +166,56 @@ def test_plot_ticks_the_swept_batch_sizes():
             assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4", "8"]
     finally:
         plt.close(fig)
+
+
+@pytest.fixture(scope="module")
+def decoder_sweep(tmp_path_factory):
+    """A tiny Mixtral saved by transformers (F = 40: each of 2 ranks' slices is 16-byte aligned, as tp needs)."""
+    import torch
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    out = tmp_path_factory.mktemp("bench-decoder")
+    config = MixtralConfig(vocab_size=300, hidden_size=64, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+                           pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(str(out / "mixtral"))
+    args = ["bench", "--model", out / "mixtral", "--batch-sizes", "2", "--seq-len", "16", "--iters", "3", "--warmup", "1",
+            "--skew", "0,0.6", "--systems", "moeshard,ep,hf,tp,deepspeed", "--json", out / "bench.json"]
+    code, stdout, stderr = run_cli(args, timeout=300)
+    assert code == 0, stderr
+    return json.loads((out / "bench.json").read_text())["cells"]
+
+
+def test_decoder_systems_agree_with_moeshard(decoder_sweep):
+    """ep, transformers' own experts (hf) and transformers' tensor-parallel plan (tp) give moeshard's output, top-2."""
+    by = {(c["system"], c["skew"]): c for c in decoder_sweep}
+    for system in ("ep", "hf", "tp"):
+        for skew in (0.0, 0.6):
+            cell = by[system, skew]
+            assert cell["skipped"] is None, cell
+            assert cell["max_abs_diff_vs_moeshard"] <= 1e-4 and cell["dropped_pct"] == 0.0, cell
+            assert len(cell["samples"]) == 3
+    assert by["ep", 0.6]["imbalance"] > by["ep", 0.0]["imbalance"]  # hot experts pile onto one worker
+    assert by["tp", 0.6]["imbalance"] == by["moeshard", 0.6]["imbalance"] == 1.0
+    reason = by["deepspeed", 0.0]["skipped"]
+    assert reason and "top-2" in reason
+
+
+def test_tp_refuses_slices_it_cannot_run(tmp_path):
+    """tiny-qwen3-moe's experts are 38 wide: 19-column slices are not 16-byte rows, so its cells say why, and
+    Switch has no tensor-parallel plan; both are decided before anything is loaded."""
+    import torch
+
+    from moeshard_cli.bench.systems import Skip
+    from moeshard_cli.bench.worker import _tensor_parallel
+    from moeshard_cli.shard.sources import resolve
+
+    qwen = _tensor_parallel(resolve("tiny-qwen3-moe"), tmp_path, 0, 2, torch.device("cpu"))
+    assert isinstance(qwen, Skip) and "16 bytes" in qwen.reason and "F=38" in qwen.reason
+    switch = _tensor_parallel(resolve("tiny-switch"), tmp_path, 0, 2, torch.device("cpu"))
+    assert isinstance(switch, Skip) and "Switch" in switch.reason
