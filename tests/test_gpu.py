@@ -24,7 +24,7 @@ from transformers.activations import ACT2FN
 
 from conftest import REPO, cli_popen, invoke, run_cli
 from moeshard_cli.moe.experts import GroupedExperts, megablocks_available, stack_experts
-from moeshard_cli.reference import reassemble_state, reference_encoder
+from moeshard_cli.reference import reference_model
 from moeshard_cli.shard.manifest import read_shard_set
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (see docs/gpu.md)")]
@@ -104,7 +104,7 @@ def token_ids(shard_sets) -> list[list[int]]:
 def transformers_embeddings(shards: Path, token_ids: list[list[int]]) -> torch.Tensor:
     """transformers' dropless encoder on CUDA, in the shard set's dtype, one line at a time (no padding): [lines, d_model] fp32."""
     shard_set = read_shard_set(shards)
-    model = reference_encoder(shard_set.config, reassemble_state(shard_set)).cuda()
+    model = reference_model(shard_set).cuda()
     rows = [model(input_ids=torch.tensor([row], device="cuda")).last_hidden_state[0].float().mean(0) for row in token_ids]
     return torch.stack(rows).cpu()
 
@@ -178,8 +178,8 @@ def fp32_reference(wi, wo, x_ND, act) -> torch.Tensor:
 
 
 def run_backend(backend: str, wi, wo, x_ND, act) -> torch.Tensor:
-    w_in_EDF, w_out_EFD = stack_experts(wi, wo)
-    experts = GroupedExperts(w_in_EDF.cuda(), w_out_EFD.cuda(), act, backend)
+    w_in_EDH, w_out_EFD = stack_experts([[w] for w in wi], wo)
+    experts = GroupedExperts(w_in_EDH.cuda(), w_out_EFD.cuda(), act, backend)
     return experts(x_ND.cuda(), torch.tensor(COUNTS)).float().cpu()
 
 

@@ -26,7 +26,7 @@ from conftest import invoke
 from moeshard_cli.launch import free_port
 from moeshard_cli.shard.manifest import MANIFEST, read_shard_set
 from moeshard_cli.moe.routing import RouterSpec
-from moeshard_cli.reference import reassemble_state, reference_embeddings, reference_encoder
+from moeshard_cli.reference import reference_model, reference_outputs
 from moeshard_cli.launch import MAX_CPU_WORKERS_PER_CORE
 
 pytestmark = pytest.mark.slow
@@ -288,9 +288,9 @@ def reference(shard_sets, tokenizer):
         key = (world, spec, tuple(lines), pooling)
         if key not in cache:
             shards = read_shard_set(shard_sets[world])
-            model = reference_encoder(shards.config, reassemble_state(shards))
+            model = reference_model(shards)
             ids = tokenizer(list(lines), truncation=True, max_length=MAX_LENGTH)["input_ids"]
-            cache[key] = reference_embeddings(model, ids, spec, pooling)
+            cache[key] = reference_outputs(shards.family, model, ids, spec, pooling)
         return cache[key]
 
     return get
