@@ -1,9 +1,9 @@
 """The DeepSpeed-MoE baseline: the real `deepspeed.moe.layer.MoE`, wrapped as a moeshard dispatch.
 
 It follows the dispatch contract of moe/dispatch.py (`(x_TD, ids_TK, weights_TK) -> (y_TD,
-counts_GE)`, token and drop counters, `reset()`) for top-1 routing (K = 1) and Switch's ReLU
-experts: the router runs outside it, so every system of the bench sees the same assignment,
-and the expert output is scaled by the router's weight after DeepSpeed's layer.
+counts_GE)`, token and drop counters, `reset()`) for the top-1 and top-2 routing DeepSpeed's
+gates implement, with plain (Switch) or gated (SwiGLU) experts: the router runs outside it, so
+every system of the bench sees the same assignment.
 
 What is DeepSpeed's own here, and what is forced:
 - The layer is DeepSpeed's `MoE` (top-1 `TopKGate` + `MOELayer` + `Experts`), expert
@@ -12,9 +12,13 @@ What is DeepSpeed's own here, and what is forced:
   is global expert `r * E / world + j`, which is how DeepSpeed's all-to-all lays them out.
 - Routing is forced: `TopKGate.forward` computes its logits from `self.wg.weight` itself, so
   the gate's forward is replaced (on this instance only) by a call to DeepSpeed's own
-  `top1gating` on one-hot logits (0 at our expert, -1e9 elsewhere). Their softmax is exactly
-  1.0 at the chosen expert, so a kept token's combine weight is exactly 1.0 and a dropped
-  token's is 0: the layer returns the unscaled expert output, and zero where it dropped.
+  `top1gating` / `top2gating` on forced logits: log(weight) at our experts, -1e9 elsewhere.
+  Top-1: the softmax is exactly 1.0 at the chosen expert, so the layer returns the unscaled
+  expert output (zero where it dropped), scaled by the router weight afterwards. Top-2 (with
+  `top2_2nd_expert_sampling=False`, no Gumbel noise): DeepSpeed renormalises the two kept
+  gates to sum to 1, so the output is scaled by the weights' sum afterwards, which is exactly
+  moeshard's for every token that keeps both experts; a token that loses one to capacity gets
+  DeepSpeed's renormalised weight on the other. Drops are counted per (token, expert) pair.
 - Capacity is DeepSpeed's: with `drop_tokens=True` every expert holds
   `ceil(T / E * cf)` tokens of a rank's T tokens (evaluated in float32 by DeepSpeed), the
   same on every rank, and every expert is padded to it. Which of an over-full expert's
@@ -145,35 +149,44 @@ def _stdout_to_logger(quiet: bool):
 
 
 class DenseActDense(nn.Module):
-    """One expert, `wo(act(wi(x)))` without biases, like transformers' SwitchTransformersDenseActDense.
+    """One expert without biases: `wo(act(wi(x)))` like transformers' SwitchTransformersDenseActDense,
+    or with `gated`, `wo(act(gate(x)) * wi(x))` (SwiGLU; `wi` is the up projection).
 
     With `slices > 1` the expert is held as column slices of d_ff whose outputs add up
-    (`wi`/`wo` are slice 0, `more_slices` the rest), as moeshard's GroupedExperts allows.
+    (slice 0 is this module, `more_slices` the rest), as moeshard's GroupedExperts allows.
     """
 
-    def __init__(self, d_model: int, d_ff: int, act: nn.Module, slices: int = 1):
+    def __init__(self, d_model: int, d_ff: int, act: nn.Module, slices: int = 1, gated: bool = False):
         super().__init__()
+        self.gate = nn.Linear(d_model, d_ff, bias=False) if gated else None
         self.wi = nn.Linear(d_model, d_ff, bias=False)
         self.wo = nn.Linear(d_ff, d_model, bias=False)
         self.act = act
-        self.more_slices = nn.ModuleList(DenseActDense(d_model, d_ff, act) for _ in range(slices - 1))
+        self.more_slices = nn.ModuleList(DenseActDense(d_model, d_ff, act, gated=gated) for _ in range(slices - 1))
 
-    def slices(self) -> list[tuple[nn.Linear, nn.Linear]]:
-        return [(self.wi, self.wo)] + [(m.wi, m.wo) for m in self.more_slices]
+    def slices(self) -> list["DenseActDense"]:
+        return [self, *self.more_slices]
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.gate(x)) * self.wi(x) if self.gate is not None else self.act(self.wi(x))
+        return self.wo(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.wo(self.act(self.wi(x)))
+        y = self._one(x)
         for m in self.more_slices:
-            y = y + m.wo(m.act(m.wi(x)))
+            y = y + m._one(x)
         return y
 
 
 class DeepSpeedDispatch(Counted):
-    """DeepSpeed-MoE (top-1, expert parallel over the EP group) with our assignment forced into its gate.
+    """DeepSpeed-MoE (top-1 or top-2, expert parallel over the EP group) with our assignment forced into its gate.
 
     Args:
-        w_in_EDF, w_out_EFD: this worker's experts, [E_local, d_model, d_ff] and [E_local, d_ff,
-            d_model] (or [G, E_local, ...]: the bench's G rank slices of each expert, which add up). Used as views, never copied.
+        w_in_EDH, w_out_EFD: this worker's experts, [E_local, d_model, H] and [E_local, d_ff,
+            d_model] (or [G, E_local, ...]: the bench's G rank slices of each expert, which add up),
+            H = d_ff, or 2 d_ff for gated experts (gate, then up: moe/experts.stack_experts' layout).
+            Used as views, never copied.
+        top_k: 1 or 2, the gates DeepSpeed has.
         num_experts: E over all workers; must divide by the EP group's size.
         act: the activation module, e.g. `ACT2FN["relu"]`.
         drop_tokens, capacity_factor: DeepSpeed's; cf is both its train and eval factor.
@@ -188,8 +201,8 @@ class DeepSpeedDispatch(Counted):
     (per-expert capacity DeepSpeed used in the last call; it pads every expert to it).
     """
 
-    def __init__(self, w_in_EDF: torch.Tensor, w_out_EFD: torch.Tensor, num_experts: int, act: nn.Module,
-                 drop_tokens: bool, capacity_factor: float, comm: Collectives, group=None):
+    def __init__(self, w_in_EDH: torch.Tensor, w_out_EFD: torch.Tensor, num_experts: int, act: nn.Module,
+                 drop_tokens: bool, capacity_factor: float, comm: Collectives, group=None, top_k: int = 1):
         world = dist.get_world_size(group) if dist.is_initialized() else 1
         if num_experts % world:
             raise ValueError(f"DeepSpeed-MoE needs the {num_experts} experts divisible by the {world} workers "
@@ -200,35 +213,42 @@ class DeepSpeedDispatch(Counted):
             raise ValueError(f"the counts Collectives spans {comm.world} workers but the EP group {world}")
         if not capacity_factor > 0:
             raise ValueError(f"capacity factor {capacity_factor} must be positive")
-        if w_in_EDF.dim() == 3:
-            w_in_EDF, w_out_EFD = w_in_EDF[None], w_out_EFD[None]
-        G, L, D, F_ = w_in_EDF.shape
-        if L != num_experts // world or w_out_EFD.shape != (G, L, F_, D):
-            raise ValueError(f"expected this worker's {num_experts // world} experts as [E_local, d_model, d_ff] and "
-                             f"[E_local, d_ff, d_model] (or [G, E_local, ...] column slices), got {tuple(w_in_EDF.shape)} and "
+        if top_k not in (1, 2):
+            raise ValueError(f"DeepSpeed-MoE's gates are top-1 and top-2, not top-{top_k}")
+        if w_in_EDH.dim() == 3:
+            w_in_EDH, w_out_EFD = w_in_EDH[None], w_out_EFD[None]
+        G, L, D, H = w_in_EDH.shape
+        F_ = w_out_EFD.shape[2]
+        gated = H == 2 * F_
+        if L != num_experts // world or w_out_EFD.shape != (G, L, F_, D) or H not in (F_, 2 * F_):
+            raise ValueError(f"expected this worker's {num_experts // world} experts as [E_local, d_model, d_ff or 2 d_ff] and "
+                             f"[E_local, d_ff, d_model] (or [G, E_local, ...] column slices), got {tuple(w_in_EDH.shape)} and "
                              f"{tuple(w_out_EFD.shape)}")
 
-        self.world, self.rank = world, dist.get_rank(group)
+        self.world, self.rank, self.top_k = world, dist.get_rank(group), top_k
         self.num_experts, self.local = num_experts, L
         self.first_expert = self.rank * L
         self.drop_tokens, self.capacity_factor = bool(drop_tokens), float(capacity_factor)
         self.comm, self.group = comm, group
         self.capacity: int | None = None
         self.last_dropped_T = torch.zeros(0, dtype=torch.bool)
-        self._expert_T: torch.Tensor | None = None
+        self._logits_TE: torch.Tensor | None = None
 
         init_deepspeed_groups(dist.get_backend(group))
         from deepspeed.moe.layer import MoE
-        from deepspeed.moe.sharded_moe import top1gating
+        from deepspeed.moe.sharded_moe import top1gating, top2gating
 
         with torch.device("meta"):  # placeholders only: the weights below are views, the gate's wg unused
-            moe = MoE(D, expert=DenseActDense(D, F_, act, slices=G), num_experts=num_experts, ep_size=world, k=1,
+            moe = MoE(D, expert=DenseActDense(D, F_, act, slices=G, gated=gated), num_experts=num_experts, ep_size=world, k=top_k,
                       capacity_factor=self.capacity_factor, eval_capacity_factor=self.capacity_factor,
-                      min_capacity=0, drop_tokens=self.drop_tokens, use_rts=False)
+                      min_capacity=0, drop_tokens=self.drop_tokens, use_rts=False, top2_2nd_expert_sampling=False)
         for j, expert in enumerate(moe.deepspeed_moe.experts.deepspeed_experts):
-            for s, (wi, wo) in enumerate(expert.slices()):
-                wi.weight = nn.Parameter(w_in_EDF[s, j].T, requires_grad=False)
-                wo.weight = nn.Parameter(w_out_EFD[s, j].T, requires_grad=False)
+            for s, part in enumerate(expert.slices()):
+                w_in_DH = w_in_EDH[s, j]
+                part.wi.weight = nn.Parameter(w_in_DH[:, F_:].T if gated else w_in_DH.T, requires_grad=False)
+                if gated:
+                    part.gate.weight = nn.Parameter(w_in_DH[:, :F_].T, requires_grad=False)
+                part.wo.weight = nn.Parameter(w_out_EFD[s, j].T, requires_grad=False)
         moe.eval().requires_grad_(False)
         if group is None:
             with _stdout_to_logger(True):
@@ -242,38 +262,37 @@ class DeepSpeedDispatch(Counted):
 
         gate = moe.deepspeed_moe.gate
         gate_signature = inspect.signature(type(gate).forward)
-        top1_params = set(inspect.signature(top1gating).parameters)
+        gating = top1gating if top_k == 1 else top2gating
+        gating_params = set(inspect.signature(gating).parameters)
 
         def forced_gate_forward(*args, **kwargs):
             call = gate_signature.bind(gate, *args, **kwargs)
             call.apply_defaults()
             given = call.arguments
-            expert_T = self._expert_T
-            logits_TE = torch.full((expert_T.numel(), num_experts), _NOT_CHOSEN, dtype=torch.float32,
-                                   device=given["input"].device)
-            logits_TE.scatter_(1, expert_T.to(logits_TE.device)[:, None], 0.0)
-            options = dict(logits=logits_TE,
+            options = dict(logits=self._logits_TE.to(given["input"].device),
                            capacity_factor=gate.capacity_factor if gate.training else gate.eval_capacity_factor,
                            min_capacity=gate.min_capacity, used_token=given.get("used_token"),
                            noisy_gate_policy=None, drop_tokens=gate.drop_tokens, use_rts=gate.use_rts,
                            ep_group=gate.ep_group, sparse_routes=given.get("sparse_routes", False),
-                           use_tutel=given.get("use_tutel", False))
-            out = top1gating(**{k: v for k, v in options.items() if k in top1_params})
+                           use_tutel=given.get("use_tutel", False), top2_2nd_expert_sampling=False)
+            out = gating(**{k: v for k, v in options.items() if k in gating_params})
             self._record_gate(out)
             return out
 
         gate.forward = forced_gate_forward  # this instance only
 
     def _record_gate(self, out) -> None:
-        """Kept tokens from the gate's output: a kept token has a non-zero combine weight."""
+        """Kept (token, expert) pairs from the gate's output: a kept pair has a non-zero combine weight."""
         if len(out) == 4:  # (l_aux, combine_weights_TEC, dispatch_mask_TEC, exp_counts)
             combine_TEC = out[1]
-            kept_T = combine_TEC.reshape(combine_TEC.shape[0], -1).ne(0).any(1)
+            kept_T = combine_TEC.reshape(combine_TEC.shape[0], -1).ne(0).sum(1)
             self.capacity = int(combine_TEC.shape[-1])
-        else:  # sparse routes: (l_aux, capacity, E, indices_1S, locations_1S, gates_1S, exp_counts)
-            kept_T = out[5].reshape(-1).ne(0)
+        else:  # sparse routes: (l_aux, capacity, E, indices_KS, locations_KS, gates_KS, exp_counts)
+            gates_KS = out[5]
+            kept_T = gates_KS.reshape(gates_KS.shape[0], -1).ne(0).sum(0)
             self.capacity = int(out[1])
-        self.last_dropped_T = ~kept_T
+        self.last_dropped_T = kept_T < self.top_k  # a token that lost at least one of its experts
+        self.last_dropped_pairs = int(self.top_k * kept_T.numel() - kept_T.sum())
 
     def _check_capacities(self, counts_GE: torch.Tensor) -> None:
         """Raise (on every rank alike: they all hold the same table) where DeepSpeed would hang."""
@@ -287,24 +306,28 @@ class DeepSpeedDispatch(Counted):
                              f"{int(rows_G.min())}; give every worker the same number of tokens")
 
     def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor):
-        if ids_TK.shape[1] != 1:
-            raise ValueError(f"DeepSpeedDispatch forces top-1 routing, not top-{ids_TK.shape[1]}")
-        expert_T = ids_TK[:, 0]
-        counts_E = torch.bincount(expert_T, minlength=self.num_experts)
+        if ids_TK.shape[1] != self.top_k:
+            raise ValueError(f"this DeepSpeedDispatch forces top-{self.top_k} routing, not top-{ids_TK.shape[1]}")
+        counts_E = torch.bincount(ids_TK.reshape(-1), minlength=self.num_experts)
         counts_GE = self.comm.all_gather_counts(counts_E)
         self._check_capacities(counts_GE)
         T = x_TD.shape[0]
         if int(counts_GE.sum()) == 0:  # every worker is empty: nothing for DeepSpeed to do
             self.last_dropped_T = torch.zeros(0, dtype=torch.bool, device=x_TD.device)
             return torch.zeros_like(x_TD), counts_GE
-        self._expert_T = expert_T
+        logits_TE = torch.full((T, self.num_experts), _NOT_CHOSEN, dtype=torch.float32, device=x_TD.device)
+        if self.top_k == 1:
+            logits_TE.scatter_(1, ids_TK, 0.0)  # softmax exactly 1.0: the unscaled expert output
+        else:
+            logits_TE.scatter_(1, ids_TK, weights_TK.float().clamp_min(1e-30).log())  # DeepSpeed renormalises the pair
+        self._logits_TE = logits_TE
         try:
             with torch.no_grad():
                 y_TD, _, _ = self.moe(x_TD)
         finally:
-            self._expert_T = None
-        self.count(T, int(self.last_dropped_T.sum()))
-        return y_TD * weights_TK, counts_GE
+            self._logits_TE = None
+        self.count(T * self.top_k, self.last_dropped_pairs)
+        return y_TD * weights_TK.sum(1, keepdim=True).to(y_TD.dtype), counts_GE
 
 
 __all__ = ["EXTENSIONS_DIR", "DeepSpeedDispatch", "DenseActDense", "deepspeed_capacity", "deepspeed_version",

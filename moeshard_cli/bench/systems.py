@@ -85,10 +85,10 @@ def build_dispatch(name: str, layer: int, family, config, shared: SharedExperts,
     w_in_GLDH, w_out_GLFD = shared.w_in_GEDH[layer][:, local], shared.w_out_GEFD[layer][:, local]
     if name == "ep":
         return ExpertParallelDispatch(SlicedExperts(w_in_GLDH, w_out_GLFD, act, backend), E, comm, timer)
-    if dims.top_k != 1 or family.decoder:
-        return Skip(f"DeepSpeed-MoE's forced gate here is top-1 with Switch's ReLU experts; {family.name} routes top-{dims.top_k} to gated experts")
+    if dims.top_k > 2:
+        return Skip(f"DeepSpeed-MoE's gates are top-1 and top-2; {family.name} routes top-{dims.top_k}")
     from moeshard_cli.bench.deepspeed_moe import DeepSpeedDispatch
 
     dropless = name == "deepspeed-dropless"
     cf = capacity_factor if capacity_factor is not None else paper_capacity_factor(E)
-    return DeepSpeedDispatch(w_in_GLDH, w_out_GLFD, E, act, drop_tokens=not dropless, capacity_factor=cf, comm=comm)
+    return DeepSpeedDispatch(w_in_GLDH, w_out_GLFD, E, act, drop_tokens=not dropless, capacity_factor=cf, comm=comm, top_k=dims.top_k)
