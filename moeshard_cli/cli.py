@@ -157,11 +157,15 @@ def bench(
     console.print(f"estimated time: about {estimate_seconds(opts, opts.gpus or 2) / 60:.1f} min (a FLOP-count guess)")
     result = do_bench(opts)
     print_tables(console, result, per_layer)
-    if json_path:
+    if json_path:  # first: a plot that fails must not lose the samples
         write_json(json_path, result)
         console.print(f"wrote {json_path}")
     if plot_path:
-        write_plot(plot_path, result)
+        try:
+            write_plot(plot_path, result)
+        except Exception as exc:
+            kept = f"the samples are in {json_path}" if json_path else "the tables above hold the results; --json keeps every sample"
+            raise UserError(f"cannot draw --plot {plot_path} ({type(exc).__name__}: {str(exc).strip()[:120]})", kept) from exc
         console.print(f"wrote {plot_path}")
 
 
@@ -190,13 +194,10 @@ def main() -> None:
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except Exception as exc:  # click usage errors come through here too
-        click = _click_exceptions()
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, _click_exceptions().ClickException):
             exc.show()
             sys.exit(exc.exit_code)  # 2 for usage errors, as click and torchrun do
-        if isinstance(exc, click.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.Abort):
+        if isinstance(exc, typer.Abort):  # EOF at a prompt; typer.Exit never gets here without standalone mode
             _fail("interrupted", 130)
         if STATE["debug"]:
             raise

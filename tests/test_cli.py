@@ -227,18 +227,65 @@ def test_piped_bench_table_keeps_its_columns(monkeypatch):
 # ---------------------------------------------------------------- the base install
 
 
-def test_bench_without_its_extra_is_one_line(tmp_path):
-    """A base install has no deepspeed, psutil or matplotlib: hide them from the import system."""
+def without_bench_extra(tmp_path: Path) -> dict:
+    """The environment of a base install: deepspeed, psutil and matplotlib cannot be imported and
+    importlib.util.find_spec says they are absent (a None entry in sys.modules does both)."""
     (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
         import sys
-        HIDDEN = {"deepspeed", "psutil", "matplotlib"}
-        class Hide:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in HIDDEN:
-                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        sys.meta_path.insert(0, Hide())
+        for name in ("deepspeed", "psutil", "matplotlib"):
+            sys.modules[name] = None
     """))
-    code, out, err = console_script(["bench", "--plot", tmp_path / "fig.png"], env={"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    return {"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+
+
+def test_bench_without_its_extra_is_one_line(tmp_path):
+    code, out, err = console_script(["bench", "--plot", tmp_path / "fig.png"], env=without_bench_extra(tmp_path))
     line = one_line(err)
     assert code == 2 and "needs psutil, deepspeed, matplotlib" in line and 'pip install "moeshard[bench]"' in line
     assert "estimated time" not in out
+
+
+def test_bench_values_are_checked_before_its_extra(tmp_path):
+    """Without deepspeed a wrong flag is still named, not hidden behind "needs deepspeed"."""
+    code, _, err = console_script(["bench", "--skew", "-0.1"], env=without_bench_extra(tmp_path))
+    assert code == 2 and one_line(err).startswith("error: --skew -0.1 is negative")
+
+
+# ---------------------------------------------------------------- bench: refused before an hour of work
+
+
+def test_a_broken_matplotlib_is_refused_before_the_bench(tmp_path):
+    """A matplotlib that raises on import is found before the bench, not after it (when the results were lost)."""
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('broken on purpose')\n")
+    code, out, err = console_script(["bench", "--model", "tiny-switch", "--systems", "moeshard", "--plot", tmp_path / "p.png"],
+                                    env={"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    line = one_line(err)
+    assert code == 2 and line.startswith("error: --plot needs matplotlib, which fails to load (ImportError: broken on purpose)")
+    assert "estimated time" not in out and not (tmp_path / "p.png").exists()
+
+
+def test_an_internal_error_is_one_line_that_asks_for_debug(monkeypatch):
+    """The catch-all itself once failed (click.Exit is gone from typer's click): 40 lines of traceback, exit 1."""
+    from moeshard_cli.bench import command
+
+    def broken(self):
+        raise RuntimeError("an internal error\nwith a second line")
+
+    monkeypatch.setattr(command.BenchOptions, "validate", broken)
+    code, _, err = invoke(["bench"])
+    assert code == 1 and one_line(err) == "error: RuntimeError: an internal error: rerun with --debug for the traceback and report it"
+
+
+def test_absurd_bench_sizes_are_refused_up_front():
+    started = time.monotonic()
+    code, out, err = invoke(["bench", "--seq-len", 10**9, "--batch-sizes", 10**6, "--systems", "moeshard"])
+    line = one_line(err)
+    assert code == 2 and line.startswith("error: --seq-len 1000000000 with --batch-sizes 1000000 needs at least") and "per worker" in line
+    assert "--seq-len 120" in line and "estimated time" not in out and time.monotonic() - started < 10
+
+
+def test_a_bad_skew_list_gets_a_skew_example():
+    code, _, err = invoke(["bench", "--skew", "0,abc"])
+    line = one_line(err)
+    assert code == 2 and "--skew '0,abc' is not a list of numbers" in line and "e.g. --skew 0,0.6" in line and "8,32,128" not in line
