@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -165,6 +166,66 @@ def test_a_damaged_manifest_is_one_line(w2, tmp_path, edit, message):
     code, _, err = invoke(run_with(shards))
     line = one_line(err)
     assert code == 2 and "moeshard.json is corrupt" in line and message in line and "--force" in line
+
+
+def test_a_manifest_world_size_of_a_billion_is_refused_without_filling_memory(w2, tmp_path):
+    """Its numbers are checked against the files it lists before anything is sized from them; the
+    process runs under a 4 GiB address-space limit (the old code reached 23 GB resident)."""
+    import resource
+
+    shards = _manifest(w2, tmp_path, lambda d: d.update(world_size=10**9))
+    limit = 4 << 30
+    proc = subprocess.run([sys.executable, "-m", "moeshard_cli", *map(str, run_with(shards))], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"}, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    line = one_line(proc.stderr)
+    assert proc.returncode == 2 and "moeshard.json is corrupt (it says world size 1000000000 but lists 2 rank files and 2 slices)" in line
+
+
+def _escaping_name(data):
+    data["files"][1]["name"] = "../other-set/rank-00001-of-00002.safetensors"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_escaping_name, "rank file name '../other-set/rank-00001-of-00002.safetensors' is not a plain file name inside the shard set"),
+    (lambda d: d["files"][1].update(name="/etc/passwd"), "rank file name '/etc/passwd' is not a plain file name"),
+    (lambda d: d.update(slices=[[0, 60], [65, 130]]), "do not follow each other from 0"),
+    (lambda d: d["files"][1].update(rank=0), "rank file entry 1 says rank 0"),
+], ids=["parent-folder", "absolute", "slices-with-a-gap", "rank-twice"])
+def test_manifest_entries_are_confined_and_consistent(w2, tmp_path, edit, message):
+    other = tmp_path / "other-set"
+    other.mkdir()
+    (other / "rank-00001-of-00002.safetensors").write_bytes((w2 / "rank-00001-of-00002.safetensors").read_bytes())
+    code, _, err = invoke(run_with(_manifest(w2, tmp_path, edit)))
+    line = one_line(err)
+    assert code == 2 and "moeshard.json is corrupt" in line and message in line
+
+
+def test_a_rank_file_that_links_out_of_the_shard_set_is_refused(w2, tmp_path):
+    shards = _manifest(w2, tmp_path, lambda d: None)
+    outside = tmp_path / "elsewhere.safetensors"
+    (shards / "rank-00001-of-00002.safetensors").rename(outside)
+    (shards / "rank-00001-of-00002.safetensors").symlink_to(outside)
+    code, _, err = invoke(run_with(shards))
+    line = one_line(err)
+    assert code == 2 and "rank-00001-of-00002.safetensors links out of the shard set" in line and str(outside) in line
+
+
+@pytest.mark.parametrize("flag", ["--output", "--json"])
+def test_a_fifo_is_not_an_output(w2, tmp_path, flag):
+    fifo = tmp_path / ("o.safetensors" if flag == "--output" else "o.json")
+    os.mkfifo(fifo)
+    args = ["run", "--shards", w2, "--input", w2.parent / "in.txt", "--output", tmp_path / "other.safetensors", flag, fifo]
+    code, _, err = invoke(args)
+    assert code == 2 and one_line(err) == f"error: {flag} {fifo} is a FIFO (named pipe), not a regular file: give {flag} a regular file or a new name"
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and not (tmp_path / "other.safetensors").exists()
+
+
+def test_a_fifo_as_input_is_named_for_what_it_is(w2, tmp_path):
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    code, _, err = invoke(["run", "--shards", w2, "--input", fifo, "--output", tmp_path / "o.safetensors"])
+    line = one_line(err)
+    assert code == 2 and line.startswith(f"error: --input {fifo} is a FIFO (named pipe), not a regular file") and "does not exist" not in line
 
 
 # ---------------------------------------------------------------- nodes that never meet: one line within --timeout
