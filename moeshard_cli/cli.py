@@ -95,6 +95,7 @@ def run(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the rank files' sha256 (cached per file until it changes)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same command where it stopped."),
     restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run of this output and start over."),
+    verify_partial: bool = typer.Option(False, "--verify-partial", help="With --resume: check every row already written against its checksum (by default the file's size, header and last steps)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures of the results table as JSON."),
     nnodes: int = typer.Option(1, "--nnodes", help="Number of machines taking part."),
     node_rank: int = typer.Option(0, "--node-rank", help="This machine's index; node 0 hosts the rendezvous and writes the output."),
@@ -107,7 +108,7 @@ def run(
     opts = RunOptions(
         input=input, shards=shards, output=output, batch_size=batch_size, max_length=max_length, window=window, pooling=pooling,
         normalize=normalize, device=device, backend=expert_backend, attention=attention, router=router, skew=skew, hot_experts=hot_experts, seed=seed,
-        timeout=timeout, verify=verify, resume=resume, restart=restart, json_path=json_path, nnodes=nnodes,
+        timeout=timeout, verify=verify, resume=resume, restart=restart, verify_partial=verify_partial, json_path=json_path, nnodes=nnodes,
         node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, debug=STATE["debug"], show_progress=console.is_terminal,
     )
     summary = do_run(opts)

@@ -88,7 +88,7 @@ class BenchOptions:
     def check_memory(self) -> None:
         """Refuse sizes that cannot fit, before an hour of bench: a lower bound of one forward's activations."""
         workers = self.gpus or 2
-        room = _memory_per_worker(self.device, workers)
+        room = _memory_per_worker(pick_device(self.device, workers), workers)  # (raises if this machine cannot host them)
         for name in models_of(self):
             config = resolve(name).config
             for batch in self.batch_sizes:
@@ -149,7 +149,7 @@ def activation_bytes(config, batch: int, seq_len: int, workers: int) -> int:
 
 
 def _memory_per_worker(device: str, workers: int) -> int:
-    if device != "cpu" and torch.cuda.is_available():
+    if device == "cuda":
         return torch.cuda.get_device_properties(0).total_memory
     return available_memory() // workers
 
