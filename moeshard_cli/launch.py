@@ -146,9 +146,8 @@ def launch(entrypoint, job, world: int, nnodes: int = 1, node_rank: int = 0, end
         if failure.signal_name() in ("SIGINT", "SIGTERM") and failure.local_rank >= 0 and _interrupted(failure):
             shutil.rmtree(log_dir, ignore_errors=True)
             raise Interrupted(signal.Signals[failure.signal_name()]) from None
-        rank = node_rank * local + failure.local_rank
-        kept = _keep(log_dir)
-        raise UserError(f"worker rank {rank} failed: {describe_failure(failure)}", f"the whole run was stopped; worker logs are in {kept}") from exc
+        rank, reason = node_rank * local + failure.local_rank, describe_failure(failure)  # reads the error file: before _keep moves it
+        raise UserError(f"worker rank {rank} failed: {reason}", f"the whole run was stopped; worker logs are in {_keep(log_dir)}") from exc
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)  # the launcher installs its own for the duration

@@ -103,6 +103,7 @@ BAD_RUN = [
     (["--expert-backend", "triton"], "--expert-backend triton is unknown"),
     (["--pooling", "max"], "--pooling max is unknown"),
     (["--resume", "--restart"], "--resume and --restart exclude each other"),
+    (["--nnodes", "2", "--rdzv-endpoint", "nohost.invalid:29400"], "--rdzv-endpoint host 'nohost.invalid' does not resolve"),
 ]
 
 
@@ -241,6 +242,25 @@ def test_a_missing_node_is_one_line_within_the_timeout(w2, node_rank):
     assert code == 2 and f"node {node_rank} of 2 could not meet the others" in one_line(err)
     assert time.monotonic() - start < 5 + 15  # the timeout plus start-up, not minutes
     assert f"node {node_rank} of 2: waiting up to 5 s" in out  # it says what it waits for
+
+
+def test_two_nodes_that_disagree_both_stop_at_once_with_one_reason(w2, tmp_path):
+    """Node 1 has another input: node 0 used to wait out --timeout, then print a DistStoreError."""
+    from conftest import cli_popen
+    from moeshard_cli.launch import free_port
+
+    other = tmp_path / "other.txt"
+    other.write_text("a different line\n" * 2)
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [cli_popen(["run", "--shards", w2, "--input", text, "--output", tmp_path / f"o{n}.safetensors", "--nnodes", 2, "--node-rank", n,
+                        "--rdzv-endpoint", endpoint, "--timeout", 120], env={"TMPDIR": str(tmp_path)})
+             for n, text in ((0, w2.parent / "in.txt"), (1, other))]
+    started = time.monotonic()
+    ended = [node.communicate(timeout=150) for node in nodes]
+    assert time.monotonic() - started < 60  # both, far from --timeout 120
+    for node, (_, err) in zip(nodes, ended):
+        line = one_line(err)
+        assert node.returncode == 2 and "the input file, shard set or options of node 1 differ from node 0's" in line, line
 
 
 # ---------------------------------------------------------------- signals
