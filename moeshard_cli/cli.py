@@ -96,6 +96,7 @@ def run(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the rank files' sha256 (cached per file until it changes)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same command where it stopped."),
     restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run of this output and start over."),
+    verify_partial: bool = typer.Option(False, "--verify-partial", help="With --resume: check every row already written against its checksum (by default the file's size, header and last steps)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures of the results table as JSON."),
     nnodes: int = typer.Option(1, "--nnodes", help="Number of machines taking part."),
     node_rank: int = typer.Option(0, "--node-rank", help="This machine's index; node 0 hosts the rendezvous and writes the output."),
@@ -108,7 +109,7 @@ def run(
     opts = RunOptions(
         input=input, shards=shards, output=output, batch_size=batch_size, max_length=max_length, window=window, pooling=pooling, score=score,
         normalize=normalize, device=device, backend=expert_backend, attention=attention, router=router, skew=skew, hot_experts=hot_experts, seed=seed,
-        timeout=timeout, verify=verify, resume=resume, restart=restart, json_path=json_path, nnodes=nnodes,
+        timeout=timeout, verify=verify, resume=resume, restart=restart, verify_partial=verify_partial, json_path=json_path, nnodes=nnodes,
         node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, debug=STATE["debug"], show_progress=console.is_terminal,
     )
     summary = do_run(opts)
@@ -158,11 +159,15 @@ def bench(
     console.print(f"estimated time: about {estimate_seconds(opts, opts.gpus or 2) / 60:.1f} min (a FLOP-count guess)")
     result = do_bench(opts)
     print_tables(console, result, per_layer)
-    if json_path:
+    if json_path:  # first: a plot that fails must not lose the samples
         write_json(json_path, result)
         console.print(f"wrote {json_path}")
     if plot_path:
-        write_plot(plot_path, result)
+        try:
+            write_plot(plot_path, result)
+        except Exception as exc:
+            kept = f"the samples are in {json_path}" if json_path else "the tables above hold the results; --json keeps every sample"
+            raise UserError(f"cannot draw --plot {plot_path} ({type(exc).__name__}: {str(exc).strip()[:120]})", kept) from exc
         console.print(f"wrote {plot_path}")
 
 
@@ -191,13 +196,10 @@ def main() -> None:
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except Exception as exc:  # click usage errors come through here too
-        click = _click_exceptions()
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, _click_exceptions().ClickException):
             exc.show()
             sys.exit(exc.exit_code)  # 2 for usage errors, as click and torchrun do
-        if isinstance(exc, click.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.Abort):
+        if isinstance(exc, typer.Abort):  # EOF at a prompt; typer.Exit never gets here without standalone mode
             _fail("interrupted", 130)
         if STATE["debug"]:
             raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -57,11 +58,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def special_kind(path: Path) -> str | None:
+    """What `path` is when it is neither a regular file nor a new name ("a FIFO (named pipe)", ...), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return next((kind for is_kind, kind in _KINDS if is_kind(mode)), None)
+
+
 def check_writable(path: Path, flag: str = "--output") -> None:
-    """Fail before any work if the file `flag` names cannot be created."""
+    """Fail before any work if the file `flag` names cannot be created, or is not a regular file
+    (a FIFO or a device would be silently replaced by the final rename)."""
     parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
+    kind = special_kind(path)
+    if kind == "a directory":
         raise UserError(f"{flag} {path} is a directory", "pass a file path")
+    if kind:
+        raise UserError(f"{flag} {path} is {kind}, not a regular file", f"give {flag} a regular file or a new name")
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise UserError(f"cannot write {flag} {path}: {parent} {what}", f"create the directory or choose another {flag}")

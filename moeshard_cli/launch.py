@@ -1,8 +1,9 @@
 """Start one worker per rank through torch.distributed's elastic launcher (the engine behind torchrun).
 
-Single node: a c10d rendezvous on a free localhost port. Several nodes: every node runs
-the same command with --nnodes, --node-rank and a shared --rdzv-endpoint; node 0 hosts
-the rendezvous store. The c10d rendezvous orders nodes by host name and process id, not by
+Single node: a c10d rendezvous whose stores listen on 127.0.0.1 only (torch's listen on every
+interface, and take anything any host writes into them). Several nodes: every node runs the
+same command with --nnodes, --node-rank and a shared --rdzv-endpoint; node 0 hosts the
+rendezvous store, listening on the address --rdzv-endpoint names and no other. The c10d rendezvous orders nodes by host name and process id, not by
 --node-rank, so each worker's rank is set from --node-rank before it starts: node 0 always
 holds rank 0 (which writes the output). max_restarts=0: when one worker dies the agent stops
 the others at once and the failure names the dead rank, so nobody hangs in a collective.
@@ -16,16 +17,21 @@ import atexit
 import ctypes
 import logging
 import math
+import multiprocessing
 import os
+import pickle
 import re
 import shutil
 import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -36,10 +42,24 @@ MAX_CPU_WORKERS_PER_CORE = 4
 PARENT_ENV = "MOESHARD_PARENT_PID"
 
 
+LOG_PREFIX = "moeshard-logs-"  # + the launcher's pid: a later launch reclaims the folders of a SIGKILLed one
+RDZV_BACKEND = "moeshard-c10d"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def resolve_host(host: str) -> str:
+    """The address a --rdzv-endpoint host stands for."""
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise UserError(f"--rdzv-endpoint host {host!r} does not resolve ({reason})",
+                        "check the name, or give node 0's IP address, e.g. --rdzv-endpoint 10.0.0.5:29400") from None
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -90,13 +110,17 @@ def launch(entrypoint, job, world: int, nnodes: int = 1, node_rank: int = 0, end
             if name.startswith(("torch.distributed.elastic", "torch.multiprocessing", "torch.distributed.launcher")):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
     local = world // nnodes
-    log_dir = tempfile.mkdtemp(prefix="moeshard-logs-")
+    _register_rendezvous()
+    reclaim_log_dirs()
+    log_dir = tempfile.mkdtemp(prefix=f"{LOG_PREFIX}{os.getpid()}-")
+    where = _Rendezvous.open(endpoint, node_rank, nnodes)
     config = LaunchConfig(
         min_nodes=nnodes, max_nodes=nnodes, nproc_per_node=local, run_id="moeshard",
-        rdzv_backend="c10d", rdzv_endpoint=endpoint or f"127.0.0.1:{free_port()}",
+        rdzv_backend=RDZV_BACKEND, rdzv_endpoint=where.endpoint, local_addr=where.bind,
         # Whole seconds. read_timeout bounds each of the two tries (and the pause between them) a node
         # makes to reach node 0's store; its default, 60 s, made a node wait minutes past --timeout.
-        rdzv_configs={"is_host": node_rank == 0, "join_timeout": math.ceil(timeout), "read_timeout": max(1, math.ceil(timeout / 3))},
+        rdzv_configs={"join_timeout": math.ceil(timeout), "read_timeout": max(1, math.ceil(timeout / 3)),
+                      "listen_fd": where.listen_fd, "bind": where.bind},
         max_restarts=0,
         monitor_interval=0.1, start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ERR, tee=Std.ERR if debug else Std.NONE),
@@ -106,29 +130,233 @@ def launch(entrypoint, job, world: int, nnodes: int = 1, node_rank: int = 0, end
     # one arena per thread let their fragmentation grow a long run's peak memory (docs/benchmarks.md).
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    payload = pickle.dumps((entrypoint, job))  # unpickled by the worker once it is tied to this process
     try:
-        returned = elastic_launch(config, as_node_rank)(entrypoint, node_rank, job)
+        with where, _worker_sockets_on(where), _temporary_files_in(log_dir), _workers_start_with_sigint_blocked():
+            returned = elastic_launch(config, as_node_rank)(payload, node_rank)
     except SignalException as exc:
         shutil.rmtree(log_dir, ignore_errors=True)
         raise Interrupted(exc.sigval) from None
     except (RendezvousError, DistError) as exc:  # the nodes never met: a wrong endpoint, a node not started
         shutil.rmtree(log_dir, ignore_errors=True)
-        where = endpoint or "localhost"
-        raise UserError(f"node {node_rank} of {nnodes} could not meet the others at {where} within {timeout:g} s ({_rendezvous_reason(exc)})",
+        raise UserError(f"node {node_rank} of {nnodes} could not meet the others at {endpoint or 'localhost'} within {timeout:g} s ({_rendezvous_reason(exc)})",
                         f"start the same command on all {nnodes} nodes within --timeout, with --rdzv-endpoint naming node 0 and a port it can open") from None
     except ChildFailedError as exc:
         _, failure = exc.get_first_failure()
         if failure.signal_name() in ("SIGINT", "SIGTERM") and failure.local_rank >= 0 and _interrupted(failure):
             shutil.rmtree(log_dir, ignore_errors=True)
             raise Interrupted(signal.Signals[failure.signal_name()]) from None
-        rank = node_rank * local + failure.local_rank
-        raise UserError(f"worker rank {rank} failed: {describe_failure(failure)}", f"the whole run was stopped; worker logs are in {log_dir}") from exc
+        rank, reason = node_rank * local + failure.local_rank, describe_failure(failure)  # reads the error file: before _keep moves it
+        raise UserError(f"worker rank {rank} failed: {reason}", f"the whole run was stopped; worker logs are in {_keep(log_dir)}") from exc
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)  # the launcher installs its own for the duration
     shutil.rmtree(log_dir, ignore_errors=True)
     # the launcher numbers ranks by its own node order; the workers ran with node_rank's
     return {node_rank * local + r % local: value for r, value in returned.items()}
+
+
+# ---------------------------------------------------------------- the rendezvous: who listens where
+
+
+@dataclass
+class _Rendezvous:
+    """Where this node's stores listen (`bind`) and, on node 0, the rendezvous store's socket, bound
+    before the launch so that a taken port or a foreign address is a one-line error."""
+
+    endpoint: str
+    bind: str
+    listen: socket.socket | None = None
+
+    @classmethod
+    def open(cls, endpoint: str | None, node_rank: int, nnodes: int) -> "_Rendezvous":
+        if endpoint is None:  # one node: nothing listens beyond this machine
+            return cls.listening("127.0.0.1", 0, None)
+        host, port = _split_endpoint(endpoint)
+        address = resolve_host(host)
+        if node_rank == 0:
+            return cls.listening(address, port, endpoint)
+        return cls(endpoint, _route_to(address))
+
+    @classmethod
+    def listening(cls, address: str, port: int, endpoint: str | None) -> "_Rendezvous":
+        sock = _listening_socket(address, port)
+        return cls(endpoint or _join(address, sock.getsockname()[1]), address, sock)
+
+    @property
+    def listen_fd(self) -> int | None:
+        return self.listen.fileno() if self.listen else None
+
+    def __enter__(self) -> "_Rendezvous":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.listen:
+            self.listen.close()  # the store listens on its own duplicate
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _join(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _route_to(address: str) -> str:
+    """This machine's address on the way to `address` (no packet is sent)."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((address, 9))
+        return s.getsockname()[0]
+
+
+def _listening_socket(address: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((address, port))
+        sock.listen(512)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"node 0 cannot listen on {_join(address, port)} ({exc.strerror})",
+                        "give --rdzv-endpoint a free port and an address of node 0's own") from None
+    return sock
+
+
+def _store(address: str, port: int, listen_fd: int | None, timeout: timedelta):
+    """A TCPStore server on a duplicate of an already listening socket, or a client of node 0's."""
+    if listen_fd is None:
+        return dist.TCPStore(address, port, is_master=False, multi_tenant=True, timeout=timeout)
+    return dist.TCPStore(address, port, is_master=True, multi_tenant=True, timeout=timeout, master_listen_fd=os.dup(listen_fd))
+
+
+def _workers_store(bind: str, timeout: timedelta):
+    with _listening_socket(bind, 0) as sock:
+        return _store(bind, sock.getsockname()[1], sock.fileno(), timeout)
+
+
+def _rendezvous_handler(params):
+    """torch's c10d rendezvous (`c10d_rendezvous_backend.create_backend`), except where its two stores listen."""
+    from torch.distributed.elastic.rendezvous import RendezvousConnectionError
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    class Backend(C10dRendezvousBackend):
+        name = RDZV_BACKEND
+
+    host, port = _split_endpoint(params.endpoint)
+    bind, timeout = params.config["bind"], timedelta(seconds=params.get_as_int("read_timeout"))
+    try:
+        store = _store(host, port, params.config.get("listen_fd"), timeout)
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        raise RendezvousConnectionError("The connection to the C10d store has failed.") from exc
+    handler = create_handler(store, Backend(store, params.run_id), params)
+    # The store torch (>= 2.4) opens for the workers' process group, on whichever node the rendezvous
+    # ranks first: on `bind` too. Without this it would listen on every interface.
+    handler._create_tcp_store_server = lambda addr, port: _workers_store(bind, timeout)
+    return handler
+
+
+def _register_rendezvous() -> None:
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
+
+    rendezvous_handler_registry.register(RDZV_BACKEND, _rendezvous_handler)
+
+
+@contextmanager
+def _worker_sockets_on(where: _Rendezvous):
+    """On one node, gloo's and NCCL's own sockets listen on the loopback interface too (unless the user chose)."""
+    loopback = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+    chosen = {k: loopback for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k not in os.environ}
+    if where.bind != "127.0.0.1" or loopback is None:
+        chosen = {}
+    os.environ.update(chosen)
+    try:
+        yield
+    finally:
+        for key in chosen:
+            os.environ.pop(key, None)
+
+
+# ---------------------------------------------------------------- the launcher's own leftovers
+
+
+def reclaim_log_dirs() -> list[Path]:
+    """Remove the log folders of launchers that are gone: a SIGKILLed one cannot remove its own.
+    Folders kept for a failed run (`_keep`) carry another name and stay."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{LOG_PREFIX}*-*"):
+        match = re.match(rf"{LOG_PREFIX}(\d+)-", path.name)
+        if match and path.is_dir() and not process_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _keep(log_dir: str) -> str:
+    """A failed run's logs are for the user to read: renamed out of reclaim_log_dirs' reach."""
+    kept = log_dir.replace(LOG_PREFIX, "moeshard-failed-run-logs-", 1)
+    try:
+        os.rename(log_dir, kept)
+    except OSError:
+        return log_dir
+    return kept
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def _temporary_files_in(log_dir: str):
+    """torch.multiprocessing gives every worker an error file in the temporary folder and leaves it
+    there when the worker fails (`pytorch-errorfile-*.pickle`): put them in the run's log folder."""
+    before, tempfile.tempdir = tempfile.tempdir, log_dir
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
+
+
+@contextmanager
+def _workers_start_with_sigint_blocked():
+    """Workers are spawned with SIGINT blocked (a blocked mask survives exec): a Ctrl-C while they import
+    torch stays pending until `as_node_rank` lets it kill them, silently; it used to print every
+    worker's KeyboardInterrupt traceback. The launcher still hears it, through a thread that leaves
+    SIGINT unblocked (Python runs the handler in the main thread)."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # started later, it would unblock SIGINT in this thread
+    atexit.unregister(_reap_tracker_at_exit)
+    atexit.register(_reap_tracker_at_exit)
+    done = threading.Event()
+    listener = threading.Thread(target=done.wait, name="moeshard-sigint", daemon=True)
+    listener.start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        done.set()
+
+
+def _reap_tracker_at_exit() -> None:
+    """multiprocessing's resource tracker is a child of the launcher that ends only once the launcher
+    is gone: it stayed in the process group as a zombie until init reaped it. At exit, after
+    multiprocessing's own finalizers (they unregister the launcher's semaphores from it), it is
+    stopped and reaped here; not while a worker torch gave up on still holds its pipe."""
+    from multiprocessing import resource_tracker, util
+
+    util._exit_function()  # registered before this handler, so it would run after it
+    if not multiprocessing.active_children():
+        resource_tracker._resource_tracker._stop()
 
 
 def _rendezvous_reason(exc: BaseException) -> str:
@@ -147,8 +375,14 @@ def _interrupted(failure) -> bool:
     return failure.exitcode < 0 and failure.signal_name() == "SIGINT"
 
 
-def as_node_rank(entrypoint, node_rank: int, job):
-    """In each worker: take the global rank from --node-rank and the local rank, then run."""
+def as_node_rank(payload: bytes, node_rank: int):
+    """In each worker: tie its life to the launcher's and let Ctrl-C kill it, before the job's heavy
+    imports (transformers, deepspeed: seconds during which a SIGKILLed launcher left it running);
+    take the global rank from --node-rank and the local rank; then run."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a Ctrl-C held since spawn ends it here
+    entrypoint, job = pickle.loads(payload)
     os.environ["RANK"] = str(node_rank * int(os.environ["LOCAL_WORLD_SIZE"]) + int(os.environ["LOCAL_RANK"]))
     return entrypoint(job)
 
@@ -213,11 +447,9 @@ def worker_process_group(device_kind: str, timeout: float):
     """The worker side of a launch: pick the device, join the process group, leave it cleanly.
 
     Yields (rank, world, device). On CPU each worker gets cores / local workers threads;
-    on CUDA one GPU per local rank and NCCL. Ctrl-C kills a worker at once (its launcher
-    reports the interruption), even inside a collective.
+    on CUDA one GPU per local rank and NCCL. Ctrl-C kills a worker at once (`as_node_rank`; its
+    launcher reports the interruption), even inside a collective.
     """
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
     if device_kind == "cuda":

@@ -42,6 +42,46 @@ def test_unwritable_plot_is_refused_before_any_work(tmp_path):
     assert time.perf_counter() - start < 20
 
 
+EVENTS: list[str] = []
+
+
+def _imported(name: str) -> str:
+    EVENTS.append(f"imported {name}")
+    return name
+
+
+class HeavyJob:
+    """Unpickling it stands for importing transformers and the bench worker (seconds)."""
+
+    def __reduce__(self):
+        return _imported, ("the bench worker",)
+
+
+def _entry(job):
+    EVENTS.append(f"ran {job}")
+    return 7
+
+
+def test_workers_are_tied_to_the_launcher_before_their_heavy_imports(monkeypatch):
+    """Bench workers set their parent-death signal only after importing transformers and the bench:
+    a SIGKILLed launcher left them running for ~16 s. Now every worker unpickles its job after it."""
+    import pickle
+    import signal
+
+    from moeshard_cli import launch
+
+    EVENTS.clear()
+    monkeypatch.setattr(launch, "die_with_parent", lambda: EVENTS.append("tied to the launcher"))
+    for key, value in {"LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "0", "RANK": "5"}.items():
+        monkeypatch.setenv(key, value)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        assert launch.as_node_rank(pickle.dumps((_entry, HeavyJob())), 0) == 7
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert EVENTS == ["tied to the launcher", "imported the bench worker", "ran the bench worker"]
+
+
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")

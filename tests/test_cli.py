@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,7 @@ BAD_RUN = [
     (["--expert-backend", "triton"], "--expert-backend triton is unknown"),
     (["--pooling", "max"], "--pooling max is unknown"),
     (["--resume", "--restart"], "--resume and --restart exclude each other"),
+    (["--nnodes", "2", "--rdzv-endpoint", "nohost.invalid:29400"], "--rdzv-endpoint host 'nohost.invalid' does not resolve"),
 ]
 
 
@@ -167,6 +169,66 @@ def test_a_damaged_manifest_is_one_line(w2, tmp_path, edit, message):
     assert code == 2 and "moeshard.json is corrupt" in line and message in line and "--force" in line
 
 
+def test_a_manifest_world_size_of_a_billion_is_refused_without_filling_memory(w2, tmp_path):
+    """Its numbers are checked against the files it lists before anything is sized from them; the
+    process runs under a 4 GiB address-space limit (the old code reached 23 GB resident)."""
+    import resource
+
+    shards = _manifest(w2, tmp_path, lambda d: d.update(world_size=10**9))
+    limit = 4 << 30
+    proc = subprocess.run([sys.executable, "-m", "moeshard_cli", *map(str, run_with(shards))], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"}, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    line = one_line(proc.stderr)
+    assert proc.returncode == 2 and "moeshard.json is corrupt (it says world size 1000000000 but lists 2 rank files and 2 slices)" in line
+
+
+def _escaping_name(data):
+    data["files"][1]["name"] = "../other-set/rank-00001-of-00002.safetensors"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_escaping_name, "rank file name '../other-set/rank-00001-of-00002.safetensors' is not a plain file name inside the shard set"),
+    (lambda d: d["files"][1].update(name="/etc/passwd"), "rank file name '/etc/passwd' is not a plain file name"),
+    (lambda d: d.update(slices=[[0, 60], [65, 130]]), "do not follow each other from 0"),
+    (lambda d: d["files"][1].update(rank=0), "rank file entry 1 says rank 0"),
+], ids=["parent-folder", "absolute", "slices-with-a-gap", "rank-twice"])
+def test_manifest_entries_are_confined_and_consistent(w2, tmp_path, edit, message):
+    other = tmp_path / "other-set"
+    other.mkdir()
+    (other / "rank-00001-of-00002.safetensors").write_bytes((w2 / "rank-00001-of-00002.safetensors").read_bytes())
+    code, _, err = invoke(run_with(_manifest(w2, tmp_path, edit)))
+    line = one_line(err)
+    assert code == 2 and "moeshard.json is corrupt" in line and message in line
+
+
+def test_a_rank_file_that_links_out_of_the_shard_set_is_refused(w2, tmp_path):
+    shards = _manifest(w2, tmp_path, lambda d: None)
+    outside = tmp_path / "elsewhere.safetensors"
+    (shards / "rank-00001-of-00002.safetensors").rename(outside)
+    (shards / "rank-00001-of-00002.safetensors").symlink_to(outside)
+    code, _, err = invoke(run_with(shards))
+    line = one_line(err)
+    assert code == 2 and "rank-00001-of-00002.safetensors links out of the shard set" in line and str(outside) in line
+
+
+@pytest.mark.parametrize("flag", ["--output", "--json"])
+def test_a_fifo_is_not_an_output(w2, tmp_path, flag):
+    fifo = tmp_path / ("o.safetensors" if flag == "--output" else "o.json")
+    os.mkfifo(fifo)
+    args = ["run", "--shards", w2, "--input", w2.parent / "in.txt", "--output", tmp_path / "other.safetensors", flag, fifo]
+    code, _, err = invoke(args)
+    assert code == 2 and one_line(err) == f"error: {flag} {fifo} is a FIFO (named pipe), not a regular file: give {flag} a regular file or a new name"
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and not (tmp_path / "other.safetensors").exists()
+
+
+def test_a_fifo_as_input_is_named_for_what_it_is(w2, tmp_path):
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    code, _, err = invoke(["run", "--shards", w2, "--input", fifo, "--output", tmp_path / "o.safetensors"])
+    line = one_line(err)
+    assert code == 2 and line.startswith(f"error: --input {fifo} is a FIFO (named pipe), not a regular file") and "does not exist" not in line
+
+
 # ---------------------------------------------------------------- nodes that never meet: one line within --timeout
 
 
@@ -180,6 +242,25 @@ def test_a_missing_node_is_one_line_within_the_timeout(w2, node_rank):
     assert code == 2 and f"node {node_rank} of 2 could not meet the others" in one_line(err)
     assert time.monotonic() - start < 5 + 15  # the timeout plus start-up, not minutes
     assert f"node {node_rank} of 2: waiting up to 5 s" in out  # it says what it waits for
+
+
+def test_two_nodes_that_disagree_both_stop_at_once_with_one_reason(w2, tmp_path):
+    """Node 1 has another input: node 0 used to wait out --timeout, then print a DistStoreError."""
+    from conftest import cli_popen
+    from moeshard_cli.launch import free_port
+
+    other = tmp_path / "other.txt"
+    other.write_text("a different line\n" * 2)
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [cli_popen(["run", "--shards", w2, "--input", text, "--output", tmp_path / f"o{n}.safetensors", "--nnodes", 2, "--node-rank", n,
+                        "--rdzv-endpoint", endpoint, "--timeout", 120], env={"TMPDIR": str(tmp_path)})
+             for n, text in ((0, w2.parent / "in.txt"), (1, other))]
+    started = time.monotonic()
+    ended = [node.communicate(timeout=150) for node in nodes]
+    assert time.monotonic() - started < 60  # both, far from --timeout 120
+    for node, (_, err) in zip(nodes, ended):
+        line = one_line(err)
+        assert node.returncode == 2 and "the input file, shard set or options of node 1 differ from node 0's" in line, line
 
 
 # ---------------------------------------------------------------- signals
@@ -227,18 +308,65 @@ def test_piped_bench_table_keeps_its_columns(monkeypatch):
 # ---------------------------------------------------------------- the base install
 
 
-def test_bench_without_its_extra_is_one_line(tmp_path):
-    """A base install has no deepspeed, psutil or matplotlib: hide them from the import system."""
+def without_bench_extra(tmp_path: Path) -> dict:
+    """The environment of a base install: deepspeed, psutil and matplotlib cannot be imported and
+    importlib.util.find_spec says they are absent (a None entry in sys.modules does both)."""
     (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
         import sys
-        HIDDEN = {"deepspeed", "psutil", "matplotlib"}
-        class Hide:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in HIDDEN:
-                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        sys.meta_path.insert(0, Hide())
+        for name in ("deepspeed", "psutil", "matplotlib"):
+            sys.modules[name] = None
     """))
-    code, out, err = console_script(["bench", "--plot", tmp_path / "fig.png"], env={"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    return {"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+
+
+def test_bench_without_its_extra_is_one_line(tmp_path):
+    code, out, err = console_script(["bench", "--plot", tmp_path / "fig.png"], env=without_bench_extra(tmp_path))
     line = one_line(err)
     assert code == 2 and "needs psutil, deepspeed, matplotlib" in line and 'pip install "moeshard[bench]"' in line
     assert "estimated time" not in out
+
+
+def test_bench_values_are_checked_before_its_extra(tmp_path):
+    """Without deepspeed a wrong flag is still named, not hidden behind "needs deepspeed"."""
+    code, _, err = console_script(["bench", "--skew", "-0.1"], env=without_bench_extra(tmp_path))
+    assert code == 2 and one_line(err).startswith("error: --skew -0.1 is negative")
+
+
+# ---------------------------------------------------------------- bench: refused before an hour of work
+
+
+def test_a_broken_matplotlib_is_refused_before_the_bench(tmp_path):
+    """A matplotlib that raises on import is found before the bench, not after it (when the results were lost)."""
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('broken on purpose')\n")
+    code, out, err = console_script(["bench", "--model", "tiny-switch", "--systems", "moeshard", "--plot", tmp_path / "p.png"],
+                                    env={"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    line = one_line(err)
+    assert code == 2 and line.startswith("error: --plot needs matplotlib, which fails to load (ImportError: broken on purpose)")
+    assert "estimated time" not in out and not (tmp_path / "p.png").exists()
+
+
+def test_an_internal_error_is_one_line_that_asks_for_debug(monkeypatch):
+    """The catch-all itself once failed (click.Exit is gone from typer's click): 40 lines of traceback, exit 1."""
+    from moeshard_cli.bench import command
+
+    def broken(self):
+        raise RuntimeError("an internal error\nwith a second line")
+
+    monkeypatch.setattr(command.BenchOptions, "validate", broken)
+    code, _, err = invoke(["bench"])
+    assert code == 1 and one_line(err) == "error: RuntimeError: an internal error: rerun with --debug for the traceback and report it"
+
+
+def test_absurd_bench_sizes_are_refused_up_front():
+    started = time.monotonic()
+    code, out, err = invoke(["bench", "--seq-len", 10**9, "--batch-sizes", 10**6, "--systems", "moeshard"])
+    line = one_line(err)
+    assert code == 2 and line.startswith("error: --seq-len 1000000000 with --batch-sizes 1000000 needs at least") and "per worker" in line
+    assert "--seq-len 120" in line and "estimated time" not in out and time.monotonic() - started < 10
+
+
+def test_a_bad_skew_list_gets_a_skew_example():
+    code, _, err = invoke(["bench", "--skew", "0,abc"])
+    line = one_line(err)
+    assert code == 2 and "--skew '0,abc' is not a list of numbers" in line and "e.g. --skew 0,0.6" in line and "8,32,128" not in line

@@ -473,8 +473,9 @@ def test_several_shard_sets_are_listed(tmp_path, corpora):
 # ---------------------------------------------------------------- a worker dies
 
 
-def test_a_failing_worker_is_named_not_its_peer(runs):
+def test_a_failing_worker_is_named_not_its_peer(runs, place):
     (result,) = runs["failing-rank"]
+    assert not list(place.glob("pytorch-errorfile-*")), "torch's error files were left in the temporary folder"
     assert result.code == 2
     line = error_line(result.err)
     assert "worker rank 1 failed: ValueError: injected failure" in line and "logs are in" in line

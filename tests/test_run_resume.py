@@ -160,14 +160,40 @@ def interrupt_and_resume(setup, place, name: str, extra: list, stop, min_steps: 
     run = Run(run_args(setup, output, *extra), place / name, env)
     run.wait_for(lambda: steps_journaled(output) >= min_steps, f"journaled {min_steps} steps")
     stopped_at = time.monotonic()
-    stop(run)
+    listening = stop(run)
     code, out, err = run.finish()
     seconds = time.monotonic() - stopped_at
+    left_in_group = in_process_group(run.proc.pid)  # zombies included: right after the exit, before init could reap them
+    tmp_after_stop = sorted(p.name for p in tmp.iterdir())
     saved = json.loads(journal_of(output).read_text().splitlines()[0]) and steps_journaled(output)
-    resumed = Run([*run_args(setup, output, *extra), "--resume", "--json", place / f"{name}.json"], place / f"{name}-resume", setup[2])
+    # the resume shares the stopped run's temporary folder: it reclaims what a SIGKILLed launcher left there
+    resumed = Run([*run_args(setup, output, *extra), "--resume", "--json", place / f"{name}.json"], place / f"{name}-resume", env)
     rcode, rout, rerr = resumed.finish()
     return {"code": code, "out": out, "err": err, "seconds": seconds, "run": run, "steps_saved": saved, "output": output, "tmp": tmp,
-            "resume": (rcode, rout, rerr), "figures": json.loads((place / f"{name}.json").read_text()) if rcode == 0 else None}
+            "resume": (rcode, rout, rerr), "figures": json.loads((place / f"{name}.json").read_text()) if rcode == 0 else None,
+            "listening": listening, "left_in_group": left_in_group, "tmp_after_stop": tmp_after_stop}
+
+
+def in_process_group(pgid: int) -> list[tuple[int, str]]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                found.append((proc.pid, proc.status()))
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return found
+
+
+def listening_sockets(run: "Run") -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every TCP socket the launcher and its workers listen on."""
+    found = []
+    for pid in {run.proc.pid, *(k.pid for k in run.children())}:
+        try:
+            found += [(pid, c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            pass
+    return found
 
 
 def kill_main(run: Run) -> None:
@@ -184,8 +210,10 @@ def sigterm_main(run: Run) -> None:
     run.proc.send_signal(signal.SIGTERM)
 
 
-def ctrl_c(run: Run) -> None:
+def ctrl_c(run: Run) -> list:
+    listening = listening_sockets(run)  # the job is running: its stores and gloo are up
     os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+    return listening
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +257,26 @@ def test_a_killed_worker_stops_the_run_and_names_its_rank(interrupted):
 
 def test_a_killed_main_process_leaves_no_worker_behind(interrupted):
     interrupted["kill-main"]["run"].assert_no_orphans()
+
+
+def test_the_log_folder_of_a_killed_launcher_is_reclaimed_by_the_next_run(interrupted):
+    case = interrupted["kill-main"]
+    assert [n for n in case["tmp_after_stop"] if n.startswith("moeshard-logs-")], "the SIGKILLed launcher could not remove its folder"
+    assert not [p.name for p in case["tmp"].iterdir() if p.name.startswith("moeshard-logs-")]
+
+
+def test_a_single_node_run_listens_on_loopback_only(interrupted):
+    """The c10d stores used to listen on every interface, without authentication."""
+    case = interrupted["ctrl-c"]
+    launcher = case["run"].proc.pid
+    assert len([s for s in case["listening"] if s[0] == launcher]) == 2  # the rendezvous store and the workers' store
+    assert {address for _, address, _ in case["listening"]} <= {"127.0.0.1", "::1"}, case["listening"]
+
+
+@pytest.mark.parametrize("name", ["sigterm", "ctrl-c"])
+def test_a_stopped_run_leaves_no_zombie_in_its_process_group(interrupted, name):
+    """multiprocessing's resource tracker outlived the launcher and stayed a zombie until init reaped it."""
+    assert interrupted[name]["left_in_group"] == []
 
 
 @pytest.mark.parametrize("name, code, signame", [("sigterm", 143, "SIGTERM"), ("ctrl-c", 130, "SIGINT")])
@@ -326,6 +374,40 @@ def test_a_worker_killed_right_after_spawn_ends_the_run_fast(setup, place):
     assert code == 2 and re.search(r"worker rank \d failed: killed by SIGKILL", line)
     run.assert_no_orphans()
     assert not output.exists() and not journal_of(output).exists()  # nothing written, nothing kept
+
+
+def test_ctrl_c_while_workers_start_is_one_line(setup, place):
+    """Workers importing torch used to print their KeyboardInterrupt tracebacks (29 lines) before the error."""
+    output = place / "early-ctrl-c.safetensors"
+    run = Run(run_args(setup, output), place / "early-ctrl-c", setup[2])
+    run.wait_for(lambda: any("spawn_main" in " ".join(_cmdline(k)) for k in run.children()), "spawned a worker", timeout=60)
+    time.sleep(0.3)
+    ctrl_c(run)
+    code, _, err = run.finish(timeout=90)
+    assert code == 130 and one_error_line(err) == "error: interrupted (SIGINT)"
+    run.assert_no_orphans()
+
+
+def test_a_kill_between_the_last_row_and_the_rename_is_finished_by_resume(setup, place):
+    """The run is SIGKILLed inside its final rename: --resume finishes it without encoding a line again."""
+    small = place / "small.txt"
+    small.write_text(corpus_text(40, seed=3), encoding="utf-8")
+    output = place / "rename-kill.safetensors"
+    args = ["run", "--shards", setup[0], "--input", small, "--output", output, *FLAGS]
+    killed_in_rename = ("import os, signal, sys\nimport moeshard_cli.run.outputs as o\n"
+                        "o.publish = lambda tmp, path: os.kill(os.getpid(), signal.SIGKILL)\n"
+                        "sys.argv = ['moeshard', *sys.argv[1:]]\nfrom moeshard_cli.cli import main\nmain()\n")
+    proc = subprocess.run([sys.executable, "-c", killed_in_rename, *map(str, args)], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, **setup[2]})
+    assert proc.returncode == -signal.SIGKILL and not output.exists() and partial_of(output).exists()
+    baseline = place / "rename-base.safetensors"
+    runs = [Run([*args, "--resume"], place / "rename-resume", setup[2]),
+            Run(["run", "--shards", setup[0], "--input", small, "--output", baseline, *FLAGS], place / "rename-base", setup[2])]
+    (code, out, err), (base_code, _, base_err) = [r.finish() for r in runs]
+    assert code == 0 and base_code == 0, err + base_err
+    assert "resumed at line" in out and "40 (encoded 0 lines now)" in out
+    assert output.read_bytes() == baseline.read_bytes()
+    assert not journal_of(output).exists() and not partial_of(output).exists()
 
 
 def _cmdline(proc: psutil.Process) -> list[str]:

@@ -17,7 +17,7 @@ import torch
 
 from moeshard_cli.bench.deepspeed_moe import deepspeed_version
 from moeshard_cli.bench.systems import SYSTEMS, uses_deepspeed
-from moeshard_cli.bench.weights import SharedExperts, check_room, new_run_id, reclaim_orphans, remove_run_files
+from moeshard_cli.bench.weights import SharedExperts, available_memory, check_room, new_run_id, reclaim_orphans, remove_run_files
 from moeshard_cli.bench.worker import BenchJob, bench_worker
 from moeshard_cli.shard.plan import slice_bounds
 from moeshard_cli.shard.sources import resolve
@@ -25,6 +25,7 @@ from moeshard_cli.errors import UserError
 from moeshard_cli.launch import check_device, launch, pick_device
 from moeshard_cli.options import at_least, check_router_flags, flag, positive
 from moeshard_cli.files import check_writable
+from moeshard_cli.ui import human_bytes
 
 PAPER = dict(experts=[8, 16, 32, 64, 128, 256], batch_sizes=[10, 50, 100, 250, 450], seq_len=120, gpus=4)
 
@@ -56,8 +57,8 @@ class BenchOptions:
         self.experts, self.batch_sizes, self.seq_len, self.gpus = PAPER["experts"], PAPER["batch_sizes"], PAPER["seq_len"], PAPER["gpus"]
 
     def validate(self) -> None:
-        """Every option, before any work; raises the one-line UserError that names the flag."""
-        self.require_extra()
+        """Every option, before any work; raises the one-line UserError that names the flag.
+        The values come first, the extra they need after: a wrong flag is named even without deepspeed."""
         for name, path in (("--plot", self.plot_path), ("--json", self.json_path)):
             if path:
                 check_writable(path, name)
@@ -79,6 +80,23 @@ class BenchOptions:
         at_least("--timeout", self.timeout, 1, "900")
         with flag("--device", "use auto, cpu or cuda"):
             check_device(self.device)
+        self.require_extra()
+        if self.plot_path:
+            check_plotting()
+        self.check_memory()
+
+    def check_memory(self) -> None:
+        """Refuse sizes that cannot fit, before an hour of bench: a lower bound of one forward's activations."""
+        workers = self.gpus or 2
+        room = _memory_per_worker(pick_device(self.device, workers), workers)  # (raises if this machine cannot host them)
+        for name in models_of(self):
+            dims = resolve(name).dims
+            for batch in self.batch_sizes:
+                need = activation_bytes(dims, batch, self.seq_len, workers)
+                if need > room:
+                    raise UserError(f"--seq-len {self.seq_len} with --batch-sizes {batch} needs at least {human_bytes(need)} per worker "
+                                    f"for {name}, this machine has {human_bytes(room)} per worker",
+                                    "use a smaller --seq-len or --batch-sizes (the paper: --seq-len 120, --batch-sizes 10 to 450)")
 
     def require_extra(self) -> None:
         """The bench's own dependencies are an extra, left out of the base install."""
@@ -96,14 +114,44 @@ def _installed(module: str) -> bool:
         return False
 
 
+LIST_EXAMPLES = {"--skew": "0,0.6", "--experts": "8,32,128", "--batch-sizes": "8,32", "--systems": "moeshard,deepspeed,ep"}
+
+
 def parse_list(text: str, kind, flag: str) -> list:
+    example = f"give a comma-separated list, e.g. {flag} {LIST_EXAMPLES[flag]}"
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
-        raise UserError(f"{flag} is empty", f"give a comma-separated list, e.g. {flag} 8,32,128")
+        raise UserError(f"{flag} is empty", example)
     try:
         return [kind(t) for t in items]
     except ValueError as exc:
-        raise UserError(f"{flag} {text!r} is not a list of numbers", f"give a comma-separated list, e.g. {flag} 8,32,128") from exc
+        raise UserError(f"{flag} {text!r} is not a list of numbers", example) from exc
+
+
+def check_plotting() -> None:
+    """--plot is drawn after the whole bench: a matplotlib that cannot load must be found now."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except Exception as exc:
+        raise UserError(f"--plot needs matplotlib, which fails to load ({type(exc).__name__}: {str(exc).strip()[:120]})",
+                        'reinstall it (pip install "moeshard[bench]"), or leave out --plot and keep the results with --json') from None
+
+
+def activation_bytes(dims, batch: int, seq_len: int, workers: int) -> int:
+    """A lower bound of one forward's activations on a worker (float32): one layer's attention scores
+    (one head at least), one expert slice's rows for every worker's tokens, and the gathered hidden states."""
+    tokens = batch * seq_len
+    scores = batch * seq_len * seq_len
+    return 4 * (scores + tokens * dims.d_ff + tokens * workers * dims.d_model)
+
+
+def _memory_per_worker(device: str, workers: int) -> int:
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory
+    return available_memory() // workers
 
 
 def default_workers(device: str) -> int:

@@ -24,6 +24,7 @@ import torch
 
 from moeshard_cli.shard.sources import Source
 from moeshard_cli.errors import UserError
+from moeshard_cli.launch import process_alive
 from moeshard_cli.moe.experts import padded_width
 from moeshard_cli.shard.plan import join_slices, slice_along
 
@@ -104,20 +105,10 @@ def reclaim_orphans() -> list[Path]:
     removed = []
     for p in SHM_DIR.glob("moeshard-bench-*-*.bin"):
         m = re.match(r"moeshard-bench-(\d+)-", p.name)
-        if m and not _alive(int(m.group(1))):
+        if m and not process_alive(int(m.group(1))):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_room(needs: dict[str, int]) -> None:

@@ -7,19 +7,16 @@ journal -> elastic launch of run/worker.py with a small job -> node 0: header, r
 
 from __future__ import annotations
 
-import fcntl
-import os
-import shlex
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moeshard_cli import __version__
 from moeshard_cli.errors import Interrupted, UserError
-from moeshard_cli.launch import check_device, launch, pick_device
+from moeshard_cli.launch import check_device, launch, pick_device, resolve_host
 from moeshard_cli.model import ATTENTIONS, check_attention
 from moeshard_cli.moe.experts import BACKENDS, check_backend
 from moeshard_cli.options import at_least, check_router_flags, endpoint, flag
@@ -28,6 +25,7 @@ from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.run import outputs
 from moeshard_cli.run.feed import Position
 from moeshard_cli.run.inputs import InputInfo, scan_input
+from moeshard_cli.run.output_life import OutputLife, RunIdentity
 from moeshard_cli.run.outputs import output_format
 from moeshard_cli.run.job import RunJob, worker_main
 from moeshard_cli.run.schedule import round_window
@@ -58,6 +56,7 @@ class RunOptions:
     verify: bool = True
     resume: bool = False
     restart: bool = False
+    verify_partial: bool = False  # with --resume: every written row's checksum, not only the last steps'
     json_path: Path | None = None
     nnodes: int = 1
     node_rank: int = 0
@@ -89,7 +88,7 @@ class RunOptions:
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise UserError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT", "give every node the address of node 0, e.g. --rdzv-endpoint node0:29400")
         if self.rdzv_endpoint:
-            endpoint(self.rdzv_endpoint)
+            resolve_host(endpoint(self.rdzv_endpoint)[0])
         if self.resume and self.restart:
             raise UserError("--resume and --restart exclude each other", "pass --resume to continue the unfinished run, --restart to discard it")
         if self.node_rank == 0:  # the node that writes: its files are checked before any work
@@ -166,7 +165,7 @@ class RunSummary:
 
 
 def run(opts: RunOptions) -> RunSummary:
-    start = time.perf_counter()
+    start_time = time.perf_counter()
     opts.validate()
     output, shards_dir, writer_node = opts.output_path, opts.shards_dir, opts.node_rank == 0
     shards = read_shard_set(shards_dir)
@@ -185,12 +184,18 @@ def run(opts: RunOptions) -> RunSummary:
     digest = outputs.fingerprint_digest(fingerprint)
     metadata = _metadata(opts, info, shards, digest)
 
-    with _claimed_output(opts, output, fmt, info, shards, metadata, fingerprint, digest) if writer_node else _nothing() as state:
+    life = OutputLife(output, resume=opts.resume, restart=opts.restart, verify_all=opts.verify_partial) if writer_node else None
+    with life or nullcontext():
+        start = None
+        if life:  # node 0 writes: its output begins fresh or where the unfinished run stopped
+            life.claim(info.lines)
+            start = life.start(RunIdentity(digest, fingerprint, list(opts.argv)),
+                               outputs.plan_layout(output, fmt, opts.mode, info.lines, 3 if opts.score else shards.dims.d_model, metadata))
         job = RunJob(shards=str(shards_dir), input=str(opts.input), lines=info.lines, window=window, batch_size=opts.batch_size,
                      max_length=opts.max_length, pooling=opts.mode, normalize=opts.normalize, device=device, backend=opts.backend,
                      router=opts.router_spec, timeout=opts.timeout, fingerprint=digest,
-                     start=state.position if state else Position(), lines_done=state.lines_done if state else 0,
-                     layout=state.layout if state else None, journal=str(outputs.journal_path(output)) if state else None,
+                     start=start.position if start else Position(), lines_done=start.lines_done if start else 0,
+                     layout=start.layout if start else None, journal=str(start.journal) if start else None,
                      show_progress=opts.show_progress, attention=opts.attention)
         if opts.nnodes > 1:
             print(f"node {opts.node_rank} of {opts.nnodes}: waiting up to {opts.timeout:g} s for the other nodes at {opts.rdzv_endpoint}",
@@ -198,102 +203,13 @@ def run(opts: RunOptions) -> RunSummary:
         try:
             returned = launch(worker_main, job, world, opts.nnodes, opts.node_rank, opts.rdzv_endpoint, opts.debug, timeout=opts.timeout)
         except (UserError, Interrupted) as exc:
-            raise _with_resume_hint(exc, output, info) if writer_node else exc
+            raise life.stop(exc, info.lines) if life else exc
         result = returned.get(0)
-        if writer_node:
-            outputs.finalize(state.layout, result["token_end"], output)
-    truncated = (state.truncated_before if state else 0) + (result["truncated"] if result else 0)
-    return RunSummary(shards_dir, output, world, device, info.lines, truncated, result, time.perf_counter() - start,
-                      resumed_at=state.lines_done if state else 0, metadata=metadata)
-
-
-@dataclass
-class _OutputState:
-    layout: outputs.OutputLayout
-    position: Position
-    lines_done: int
-    truncated_before: int
-
-
-@contextmanager
-def _claimed_output(opts: RunOptions, output: Path, fmt: str, info: InputInfo, shards: ShardSet, metadata: dict,
-                    fingerprint: dict, digest: str):
-    """A fresh partial output and journal, or the unfinished ones checked against this command;
-    held under an advisory lock on the journal, so two runs never write one output."""
-    journal = outputs.journal_path(output)
-    lock = _lock(journal, output) if journal.exists() else None
-    try:
-        if lock is not None and outputs.partial_path(output).exists() and not opts.restart:
-            state = outputs.read_journal(journal)
-            if not opts.resume:
-                raise UserError(f"{output} has an unfinished run ({state.lines_done:,} of {info.lines:,} lines written)",
-                                f"continue it with `{resume_command(state.header['argv'])}`, or start over with --restart")
-            _check_same_run(state.header, fingerprint, digest)
-            layout = state.header["layout"]
-            yield _OutputState(outputs.OutputLayout(**{**layout, "metadata": tuple(map(tuple, layout["metadata"]))}),
-                               state.position, state.lines_done, state.truncated_before)
-            return
-        outputs.discard(output)
-        layout = outputs.plan_layout(output, fmt, opts.mode, info.lines, 3 if opts.score else shards.dims.d_model, metadata)
-        outputs.create_partial(layout)
-        argv = [a for a in opts.argv if a not in ("--resume", "--restart")]
-        outputs.write_journal_header(journal, {"digest": digest, "fingerprint": fingerprint, "argv": argv, "layout": asdict(layout)})
-        if lock is not None:
-            os.close(lock)
-        lock = _lock(journal, output)
-        yield _OutputState(layout, Position(), 0, 0)
-    finally:
-        if lock is not None:
-            os.close(lock)
-
-
-def _lock(journal: Path, output: Path) -> int:
-    fd = os.open(journal, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(f"another moeshard run is writing {output}", "wait for it to finish, or choose another --output") from None
-    return fd
-
-
-def resume_command(argv: list[str]) -> str:
-    return shlex.join(["moeshard", *argv, "--resume"])
-
-
-def _check_same_run(header: dict, fingerprint: dict, digest: str) -> None:
-    if header.get("digest") == digest:
-        return
-    before = _flatten(header.get("fingerprint", {}))
-    now = _flatten(fingerprint)
-    key = next((k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)), "the moeshard version")
-    raise UserError(f"--resume: the unfinished run differs in {key} (was {before.get(key)!r}, now {now.get(key)!r})",
-                    "rerun with the input, shard set and options it was started with, or start over with --restart")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _with_resume_hint(exc: BaseException, output: Path, info: InputInfo) -> BaseException:
-    """A stopped run keeps what it wrote, and says how to continue; one that wrote nothing leaves nothing."""
-    journal = outputs.journal_path(output)
-    if not journal.exists():
-        return exc
-    state = outputs.read_journal(journal)
-    if state.lines_done == 0:
-        outputs.discard(output)
-        return exc
-    hint = f"{state.lines_done:,} of {info.lines:,} lines are saved; continue with `{resume_command(state.header['argv'])}`"
-    if isinstance(exc, Interrupted):
-        return Interrupted(exc.signum, hint)
-    return UserError(exc.problem, f"{exc.fix}; {hint}" if exc.fix else hint)
+        if life:
+            life.finish(result["token_end"])
+    truncated = (start.truncated_before if start else 0) + (result["truncated"] if result else 0)
+    return RunSummary(shards_dir, output, world, device, info.lines, truncated, result, time.perf_counter() - start_time,
+                      resumed_at=start.lines_done if start else 0, metadata=metadata)
 
 
 def _fingerprint(opts: RunOptions, info: InputInfo, shards: ShardSet, device: str, fmt: str, window: int) -> dict:
@@ -333,7 +249,3 @@ def _check_backend(backend: str, device: str, shards: ShardSet) -> None:
 
     resolve_backend(backend, torch.device(device), shards.dims.d_model, DTYPES[shards.dtype])
 
-
-@contextmanager
-def _nothing():
-    yield

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from moeshard_cli.errors import UserError
+from moeshard_cli.files import special_kind
 
 CHUNK = 1 << 22
 
@@ -28,8 +29,9 @@ class InputInfo:
 
 def scan_input(path: Path) -> InputInfo:
     """Count lines, check UTF-8 and hash the file in one streaming pass (bounded memory)."""
-    if path.is_dir():
-        raise UserError(f"--input {path} is a directory", "pass a UTF-8 text file, one document per line")
+    kind = special_kind(path)
+    if kind:  # a FIFO could be read once only, and run reads the input twice: to check it, then to encode it
+        raise UserError(f"--input {path} is {kind}, not a regular file", "pass a UTF-8 text file, one document per line")
     if not path.is_file():
         raise UserError(f"input file {path} does not exist", "pass an existing UTF-8 text file with --input")
     digest, decoder = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")("strict")

@@ -25,7 +25,8 @@ import os
 import queue
 import shutil
 import threading
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,11 @@ class OutputLayout:
     def token_at(self, token: int) -> int:
         return self.data_start + (self.lines + 1) * 8 + token * self.row_bytes
 
+    @property
+    def rows_start(self) -> int:
+        """Where row 0 is: the first line's embedding, or (--pooling none) the first token's row."""
+        return self.token_at(0) if self.pooling == "none" else self.embedding_at(0)
+
     def size(self, tokens: int) -> int:
         return self.token_at(tokens) if self.pooling == "none" else self.embedding_at(self.lines)
 
@@ -217,6 +223,9 @@ class JournalState:
     position: Position
     lines_done: int
     truncated_before: int  # lines cut in the windows before position's window
+    windows: list[dict] = field(default_factory=list)  # every window's record, in order
+    steps: list[dict] = field(default_factory=list)  # every step's record, in order (rows and their checksum)
+    position_window: int = 0  # the window the position is in
 
 
 def write_journal_header(path: Path, header: dict) -> None:
@@ -230,7 +239,7 @@ def read_journal(path: Path) -> JournalState:
     except (IndexError, json.JSONDecodeError) as exc:
         raise UserError(f"the journal {path} of the unfinished run is damaged", "start over with --restart") from exc
     windows: list[dict] = []
-    done: dict[int, dict[int, int]] = {}  # window -> step -> lines
+    records: dict[tuple[int, int], dict] = {}  # (window, step) -> its record
     for text in lines[1:]:
         try:
             record = json.loads(text)
@@ -240,20 +249,21 @@ def read_journal(path: Path) -> JournalState:
             if not windows or windows[-1]["window"] != record["window"]:
                 windows.append(record)
         elif "step" in record:
-            done.setdefault(record["window"], {})[record["step"]] = record["lines"]
+            records[record["window"], record["step"]] = record
     if not windows:
         return JournalState(header, Position(), 0, 0)
     last = windows[-1]
-    steps = done.get(last["window"], {})
+    steps = {s: r["lines"] for (w, s), r in records.items() if w == last["window"]}
     truncated_before = sum(w["truncated"] for w in windows[:-1])
     finished = 0
     while finished in steps:
         finished += 1
+    seen = (windows, list(records.values()))
     if finished >= last["steps"]:
         position = Position(last["line"] + last["lines"], last["byte_end"], last["token"] + last["tokens"], 0)
-        return JournalState(header, position, position.line, truncated_before + last["truncated"])
+        return JournalState(header, position, position.line, truncated_before + last["truncated"], *seen, last["window"] + 1)
     position = Position(last["line"], last["byte"], last["token"], finished)
-    return JournalState(header, position, last["line"] + sum(steps[s] for s in range(finished)), truncated_before)
+    return JournalState(header, position, last["line"] + sum(steps[s] for s in range(finished)), truncated_before, *seen, last["window"])
 
 
 # ---------------------------------------------------------------- rank 0's writer
@@ -304,9 +314,9 @@ class RowWriter:
 
     def _raise(self) -> None:
         if self.error is not None:
-            if isinstance(self.error, OSError):
+            if isinstance(self.error, OSError):  # the resume is offered by the output's owner, when there is one
                 raise UserError(f"cannot write the output {self.layout.path} ({self.error.strerror})",
-                                "free space on its disk or fix its permissions, then rerun with --resume") from self.error
+                                "free space on its disk or fix its permissions") from self.error
             raise self.error
 
     def _loop(self) -> None:
@@ -319,9 +329,8 @@ class RowWriter:
                     except queue.Empty:
                         break
                 work = [item for item in group if item is not None]
-                for places, _ in work:
-                    for offset, rows in places:
-                        _pwrite_all(self._fd, np.ascontiguousarray(rows).data.cast("B"), offset)
+                for places, record in work:
+                    self._write(places, record)
                 if any(places for places, _ in work):
                     _sync_data(self._fd)
                 if work:
@@ -330,6 +339,20 @@ class RowWriter:
                     return
         except BaseException as exc:
             self.error = exc
+
+
+    def _write(self, places: list[tuple[int, np.ndarray]], record: dict) -> None:
+        """Write the rows, and record in the journal which rows they are and their crc32 (a resume checks them)."""
+        crc = 0
+        for offset, rows in places:
+            data = np.ascontiguousarray(rows).data.cast("B")
+            _pwrite_all(self._fd, data, offset)
+            crc = zlib.crc32(data, crc)
+        if places:
+            record["crc"] = crc
+        if "step" in record:
+            start, size = self.layout.rows_start, self.layout.row_bytes
+            record["rows"] = [[(offset - start) // size, np.asarray(rows).nbytes // size] for offset, rows in places]
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -8,6 +8,7 @@ are gathered on rank 0, whose writer thread puts them in place in the output (ou
 
 from __future__ import annotations
 
+import os
 import time
 from array import array
 from pathlib import Path
@@ -42,16 +43,20 @@ class _Encoder:
         self.start, self.lines_done = self._agree_on_start()
 
     def _agree_on_start(self) -> tuple[Position, int]:
-        """Rank 0's node knows where the output stands; every rank checks it runs the same job."""
+        """Rank 0's node knows where the output stands; every rank checks it runs the same job.
+        Every rank sees every rank's fingerprint, so all nodes stop at once with the same reason
+        (a node stopping alone left node 0 waiting out --timeout)."""
         job = self.job
         if self.world == 1:
             return job.start, job.lines_done
-        sent = [job.fingerprint, job.start, job.lines_done] if self.rank == 0 else [None, None, None]
-        dist.broadcast_object_list(sent, src=0)
-        if sent[0] != job.fingerprint:
-            raise UserError("this node's input file, shard set or options differ from node 0's",
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, [job.fingerprint, job.start, job.lines_done])
+        per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+        differ = sorted({rank // per_node for rank, (fingerprint, _, _) in enumerate(everyone) if fingerprint != everyone[0][0]})
+        if differ:
+            raise UserError(f"the input file, shard set or options of node {', '.join(map(str, differ))} differ from node 0's",
                             "run the same command, with the same input and shard set, on every node")
-        return sent[1], sent[2]
+        return everyone[0][1], everyone[0][2]
 
     def run(self) -> dict | None:
         job, rank, world = self.job, self.rank, self.world

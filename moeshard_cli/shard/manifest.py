@@ -96,17 +96,32 @@ def _schema_problem(data: dict) -> str | None:
             return f"no {key!r}"
         if not isinstance(data[key], kind) or isinstance(data[key], bool):
             return f"{key!r} is {data[key]!r}, not a {kind.__name__}"
-    if data["world_size"] < 1:
-        return f"world size {data['world_size']}"
+    world, files, slices = data["world_size"], data["files"], data["slices"]
+    if world < 1:
+        return f"world size {world}"
+    # every number is checked against the lists it counts before anything is sized from it
+    # (a world size of 10^9 once filled the memory)
+    if world != len(files) or world != len(slices):
+        return f"it says world size {world} but lists {len(files)} rank files and {len(slices)} slices"
     if data["dtype"] not in DTYPES:
         return f"unknown dtype {data['dtype']!r}"
     if not isinstance(data["source"].get("id"), str):
         return "no source id"
-    for entry in data["files"]:
-        if not isinstance(entry, dict) or any(not isinstance(entry.get(k), kind) for k, kind in _FILE_FIELDS.items()):
+    for rank, entry in enumerate(files):
+        if not isinstance(entry, dict) or any(not isinstance(entry.get(k), kind) or isinstance(entry.get(k), bool)
+                                              for k, kind in _FILE_FIELDS.items()):
             return f"a rank file entry lacks one of {', '.join(_FILE_FIELDS)}"
-    if any(not (isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) for x in s)) for s in data["slices"]):
+        if entry["rank"] != rank or entry["bytes"] < 0:
+            return f"rank file entry {rank} says rank {entry['rank']}, {entry['bytes']} bytes"
+        if not _plain_name(entry["name"]):
+            return f"rank file name {entry['name']!r} is not a plain file name inside the shard set"
+    if any(not (isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in s)) for s in slices):
         return "a slice is not [lo, hi]"
+    ends = [0] + [hi for _, hi in slices]
+    if any(lo != ends[r] or hi <= lo for r, (lo, hi) in enumerate(slices)):
+        return f"the slices {slices} do not follow each other from 0"
+    if isinstance(data.get("d_ff"), int) and ends[-1] != data["d_ff"]:
+        return f"the slices end at {ends[-1]}, d_ff is {data['d_ff']}"
     return None
 
 
@@ -120,17 +135,23 @@ def _family_problem(data: dict) -> str | None:
     return None
 
 
+def _plain_name(name: str) -> bool:
+    """A rank file lives in the shard set's own folder: no separators, no parent, nothing empty."""
+    return name not in ("", ".", "..") and not any(c in name for c in ("/", "\\", "\0"))
+
+
 def check_files(shards: ShardSet, verify: bool = False, ranks: list[int] | None = None) -> None:
     """Sizes and safetensors headers of the rank files `ranks` (default all); their sha256 with verify."""
-    world, files = shards.world_size, shards.data["files"]
-    if [f["rank"] for f in files] != list(range(world)) or len(shards.slices) != world:
-        raise UserError(f"{shards.root}/{MANIFEST} says world size {world} but lists {len(files)} rank files and {len(shards.slices)} slices",
-                        "the manifest was edited or the shard set is incomplete: re-shard with --force")
+    world, files = shards.world_size, shards.data["files"]  # read_shard_set checked they agree
     chosen = [files[r] for r in (range(world) if ranks is None else ranks)]
+    root = shards.root.resolve()
     for entry in chosen:
         path = shards.root / entry["name"]
         if not path.is_file():
             raise UserError(f"rank file {path} is missing", "re-run `moeshard shard ... --force` to rewrite the shard set")
+        if path.resolve().parent != root:
+            raise UserError(f"rank file {path} links out of the shard set (to {path.resolve()})",
+                            "copy the file into the shard set's folder, or re-shard with --force")
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise UserError(f"rank file {path.name} has {size} bytes, the manifest says {entry['bytes']}", "the file is truncated or replaced: re-shard with --force")

@@ -1,0 +1,212 @@
+"""The life of `run`'s output (run/output_life.OutputLife), driven stage by stage in this process:
+every fault case is one test of one object, with rank 0's real RowWriter writing the rows."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from moeshard_cli.errors import Interrupted, UserError
+from moeshard_cli.run import outputs
+from moeshard_cli.run.output_life import RECENT_STEPS, OutputLife, RunIdentity
+from moeshard_cli.run.outputs import RowWriter
+
+LINES, D, PER_STEP = 48, 4, 2  # one window of 48 lines, 24 steps of 2 lines each
+IDENTITY = RunIdentity("digest-1", {"options": {"pooling": "mean"}}, ["run", "--input", "in.txt"])
+
+
+def rows_of(line: int) -> np.ndarray:
+    return np.full((1, D), line + 0.5, dtype="<f4")
+
+
+def step_lines(step: int) -> list[int]:
+    """Lines are dealt out of order, as the length-sorted schedule deals them."""
+    return [LINES - 1 - step, step][:PER_STEP]
+
+
+def begin(output, **flags) -> tuple[OutputLife, outputs.OutputLayout]:
+    life = OutputLife(output, **flags)
+    life.claim(LINES)
+    start = life.start(IDENTITY, outputs.plan_layout(output, "safetensors", "mean", LINES, D, {"k": "v"}))
+    return life, start
+
+
+def write_steps(start, steps: range, window_record: bool = True) -> None:
+    writer = RowWriter(start.layout, start.journal)
+    if window_record:
+        writer.window({"window": 0, "line": 0, "lines": LINES, "byte": 0, "byte_end": 10 * LINES, "token": 0, "tokens": 5 * LINES,
+                       "truncated": 0, "steps": LINES // PER_STEP}, None)
+    for s in steps:
+        writer.rows({"window": 0, "step": s, "lines": PER_STEP},
+                    [(start.layout.embedding_at(line), rows_of(line)) for line in step_lines(s)])
+    writer.close()
+
+
+def stopped_after(output, steps: int) -> None:
+    """A run killed after `steps` journaled steps: nothing but its files is left."""
+    life, start = begin(output)
+    write_steps(start, range(steps))
+    life.close()
+
+
+def resume(output, **flags):
+    life = OutputLife(output, resume=True, **flags)
+    life.claim(LINES)
+    return life, life.start(IDENTITY, None)
+
+
+def test_an_intact_partial_resumes_after_its_last_step(tmp_path):
+    output = tmp_path / "o.safetensors"
+    stopped_after(output, 3)
+    life, start = resume(output)
+    assert (start.position.step, start.lines_done) == (3, 3 * PER_STEP)
+    write_steps(start, range(3, LINES // PER_STEP), window_record=False)
+    life.finish(5 * LINES)
+    life.close()
+    from safetensors.numpy import load_file
+
+    assert np.array_equal(load_file(output)["embeddings"], np.concatenate([rows_of(i) for i in range(LINES)]))
+    assert not outputs.journal_path(output).exists() and not outputs.partial_path(output).exists()
+
+
+def garbage_over_a_row(partial, layout) -> None:
+    with open(partial, "r+b") as f:
+        f.seek(layout.embedding_at(step_lines(1)[0]))
+        f.write(b"\xff" * 8)
+
+
+def garbage_file(partial, layout) -> None:
+    partial.write_bytes(os.urandom(20_000))
+
+
+def emptied(partial, layout) -> None:
+    os.truncate(partial, 0)
+
+
+def header_overwritten(partial, layout) -> None:
+    with open(partial, "r+b") as f:
+        f.write(b"{not a header}")
+
+
+@pytest.mark.parametrize("damage, what", [
+    (emptied, "it has 0 bytes, its journal needs"),
+    (garbage_file, "it has 20,000 bytes"),
+    (garbage_over_a_row, "the rows of step 1 of window 0 fail their checksum"),
+    (header_overwritten, "its header was overwritten"),
+], ids=["truncated-to-zero", "20-kb-of-garbage", "a-row-overwritten", "header"])
+def test_a_damaged_partial_is_refused_on_resume(tmp_path, damage, what):
+    """It used to resume at its last step: zero rows or garbage values in the output, exit 0."""
+    output = tmp_path / "o.safetensors"
+    stopped_after(output, 3)
+    partial = outputs.partial_path(output)
+    damage(partial, outputs.plan_layout(output, "safetensors", "mean", LINES, D, {"k": "v"}))
+    with pytest.raises(UserError) as info:
+        resume(output)
+    line = info.value.line()
+    assert line.startswith(f"--resume: the unfinished output {partial} does not match its journal") and what in line
+    assert "--restart" in info.value.fix
+
+
+def test_every_step_is_checked_with_verify_all(tmp_path):
+    """By default the last steps are checked; an older damaged row is found with --verify-partial."""
+    output = tmp_path / "o.safetensors"
+    stopped_after(output, RECENT_STEPS + 4)
+    garbage_over_a_row(outputs.partial_path(output), outputs.plan_layout(output, "safetensors", "mean", LINES, D, {"k": "v"}))
+    life, start = resume(output)
+    life.close()
+    assert start.position.step == RECENT_STEPS + 4
+    with pytest.raises(UserError, match="the rows of step 1 of window 0 fail their checksum"):
+        resume(output, verify_all=True)
+
+
+def test_resume_on_a_finished_output_says_it_is_complete(tmp_path):
+    output = tmp_path / "o.safetensors"
+    life, start = begin(output)
+    write_steps(start, range(LINES // PER_STEP))
+    life.finish(5 * LINES)
+    life.close()
+    before = output.read_bytes()
+    with pytest.raises(UserError) as info:
+        OutputLife(output, resume=True).claim(LINES)
+    assert info.value.problem == f"--resume: {output} is complete, there is nothing to resume"
+    assert output.read_bytes() == before
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path):
+    output = tmp_path / "o.safetensors"
+    with pytest.raises(UserError) as info:
+        OutputLife(output, resume=True).claim(LINES)
+    assert info.value.problem == f"--resume: there is no unfinished run of {output} to resume (no .o.safetensors.journal)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unfinished_run_is_refused_without_resume_and_kept(tmp_path):
+    output = tmp_path / "o.safetensors"
+    stopped_after(output, 3)
+    before = outputs.partial_path(output).read_bytes()
+    with pytest.raises(UserError, match="has an unfinished run \\(6 of 48 lines written\\)"):
+        OutputLife(output).claim(LINES)
+    assert outputs.partial_path(output).read_bytes() == before
+
+
+def full_disk(start) -> UserError:
+    """The next rows go to /dev/full, as on a disk with no room left."""
+    partial = outputs.partial_path(start.journal.with_name(start.journal.name[1:-len(".journal")]))
+    partial.unlink()
+    partial.symlink_to("/dev/full")
+    with pytest.raises(UserError) as info:
+        write_steps(start, range(3, 4), window_record=False)
+    return info.value
+
+
+def test_a_full_disk_before_any_step_offers_no_resume_and_leaves_nothing(tmp_path):
+    """It printed "then rerun with --resume" after deleting everything there was to resume."""
+    output = tmp_path / "o.safetensors"
+    life, start = begin(output)
+    exc = full_disk(start)
+    assert "No space left on device" in exc.problem
+    reported = life.stop(exc, LINES)
+    assert "--resume" not in reported.line() and reported.fix == "free space on its disk or fix its permissions"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_after_some_steps_keeps_them_and_offers_the_resume(tmp_path):
+    output = tmp_path / "o.safetensors"
+    life, start = begin(output)
+    write_steps(start, range(3))
+    reported = life.stop(full_disk(start), LINES)
+    assert "6 of 48 lines are saved; continue with `moeshard run --input in.txt --resume`" in reported.fix
+    assert outputs.journal_path(output).exists()
+
+
+def test_a_signal_during_the_final_rename_is_finished_by_resume(tmp_path, monkeypatch):
+    """Killed between the last row and the rename: the partial already has its final header; --resume finishes it."""
+    output = tmp_path / "o.safetensors"
+    life, start = begin(output)
+    write_steps(start, range(LINES // PER_STEP))
+
+    def killed(tmp, path):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(outputs, "publish", killed)
+    with pytest.raises(Interrupted):
+        life.finish(5 * LINES)
+    life.close()
+    monkeypatch.undo()
+    assert not output.exists() and outputs.journal_path(output).exists()
+    life, start = resume(output)
+    assert (start.position.line, start.lines_done) == (LINES, LINES)
+    life.finish(start.position.token)
+    from safetensors.numpy import load_file
+
+    assert np.array_equal(load_file(output)["embeddings"], np.concatenate([rows_of(i) for i in range(LINES)]))
+    assert not outputs.journal_path(output).exists()
+
+
+def test_stages_go_in_order(tmp_path):
+    life = OutputLife(tmp_path / "o.safetensors")
+    with pytest.raises(RuntimeError, match="at 'new', not 'writing'"):
+        life.finish(0)
