@@ -210,3 +210,58 @@ def test_stages_go_in_order(tmp_path):
     life = OutputLife(tmp_path / "o.safetensors")
     with pytest.raises(RuntimeError, match="at 'new', not 'writing'"):
         life.finish(0)
+
+
+def score_rows(line: int) -> np.ndarray:
+    """[tokens, logprob, mean_nll] of a line, as the worker hands them to rank 0 (NaN below 2 tokens)."""
+    tokens = line % 5 + 1
+    return np.array([[tokens, -1.25 * line, 1.25 * line / (tokens - 1) if tokens > 1 else np.nan]], dtype="<f4")
+
+
+def test_a_score_csv_resumes_checks_its_records_and_reads_in_pandas(tmp_path):
+    """`--score`'s CSV lives the same life: fixed-width records written in place, checked on resume, read by pandas."""
+    import pandas as pd
+
+    output = tmp_path / "scores.csv"
+    life = OutputLife(output)
+    life.claim(LINES)
+    start = life.start(IDENTITY, outputs.plan_layout(output, "csv", "score", LINES, 3, {"k": "v"}))
+    layout = start.layout
+
+    def write(start, steps, window_record=True):
+        writer = RowWriter(start.layout, start.journal)
+        if window_record:
+            writer.window({"window": 0, "line": 0, "lines": LINES, "byte": 0, "byte_end": 10 * LINES, "token": 0, "tokens": 5 * LINES,
+                           "truncated": 0, "steps": LINES // PER_STEP}, None)
+        for s in steps:
+            writer.rows({"window": 0, "step": s, "lines": PER_STEP},
+                        [(layout.embedding_at(line), layout.encode(line, score_rows(line))) for line in step_lines(s)])
+        writer.close()
+
+    write(start, range(3))
+    life.close()
+    life, again = resume(output)
+    assert (again.position.step, again.lines_done) == (3, 3 * PER_STEP)
+    write(again, range(3, LINES // PER_STEP), window_record=False)
+    life.finish(5 * LINES)
+    life.close()
+    table = pd.read_csv(output)
+    assert list(table.columns) == ["line", "tokens", "logprob", "mean_nll"] and table.line.tolist() == list(range(LINES))
+    expected = np.concatenate([score_rows(i) for i in range(LINES)])
+    assert np.array_equal(table.tokens.to_numpy(), expected[:, 0].astype(int))
+    np.testing.assert_allclose(table[["logprob", "mean_nll"]].to_numpy(), expected[:, 1:], rtol=1e-7)
+    assert table.mean_nll.isna().sum() == (expected[:, 0] == 1).sum() > 0  # one-token lines: no mean
+
+    damaged = tmp_path / "damaged.csv"
+    life = OutputLife(damaged)
+    life.claim(LINES)
+    start = life.start(IDENTITY, outputs.plan_layout(damaged, "csv", "score", LINES, 3, {"k": "v"}))
+    layout = start.layout
+    write(start, range(3))
+    life.close()
+    with open(outputs.partial_path(damaged), "r+b") as f:  # a record of step 2 overwritten
+        f.seek(layout.embedding_at(step_lines(2)[0]) + 3)
+        f.write(b"9")
+    with pytest.raises(UserError) as info:
+        resume(damaged)
+    assert "fail their checksum" in info.value.problem
