@@ -62,7 +62,8 @@ class GatedDecoderFamily:
         return raw if isinstance(raw, cls) else cls.from_dict(dict(raw))
 
     def check_config(self, raw: dict, where: str) -> str | None:
-        return None if raw.get(self.num_experts_attr) else f"{where} is a {self.model_type} checkpoint with no experts"
+        # read through the config class: its attribute_map renames keys (Qwen3-MoE saves num_local_experts)
+        return None if getattr(self.config(raw), self.num_experts_attr, 0) else f"{where} is a {self.model_type} checkpoint with no experts"
 
     def dims(self, config) -> Dims:
         c = self.config(config)
