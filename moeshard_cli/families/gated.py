@@ -47,7 +47,6 @@ class GatedDecoderFamily:
     decoder = True
     expert_inputs = ("gate_proj", "up_proj")
     expert_output = "down_proj"
-    poolings = ("last", "mean", "none")
 
     @property
     def architecture(self) -> str:

@@ -64,7 +64,6 @@ class SwitchFamily:
     decoder = False
     expert_inputs = ("wi",)
     expert_output = "wo"
-    poolings = ("mean", "none")
     architecture = "SwitchTransformersEncoderModel"
 
     # ---------------------------------------------------------------- config
