@@ -102,7 +102,7 @@ def run(
     node_rank: int = typer.Option(0, "--node-rank", help="This machine's index; node 0 hosts the rendezvous and writes the output."),
     rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0's rendezvous (multi-node)."),
 ):
-    """Encode a text file with one worker per rank of a shard set."""
+    """Encode a text file with one worker per rank of a shard set: embeddings, or per-line scores (--score)."""
     from moeshard_cli.run.report import print_run_summary
     from moeshard_cli.run.command import RunOptions, run as do_run
 
@@ -142,7 +142,7 @@ def bench(
     max_cell_seconds: float = typer.Option(12.0, "--max-cell-seconds", help="Time budget per system and configuration before repeats are cut (min 3)."),
     timeout: float = typer.Option(900.0, "--timeout", help="Seconds a collective may wait before the bench fails."),
 ):
-    """Compare MoEShard with DeepSpeed-MoE and expert parallelism, as in the paper."""
+    """Compare MoEShard with DeepSpeed-MoE, expert parallelism and transformers (its experts, its tensor-parallel plan), as in the paper."""
     from moeshard_cli.bench.report import plot as write_plot, print_tables, write_json
     from moeshard_cli.bench.command import BenchOptions, bench as do_bench, estimate_seconds, parse_list
 
