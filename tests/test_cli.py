@@ -191,7 +191,9 @@ def _escaping_name(data):
     (lambda d: d["files"][1].update(name="/etc/passwd"), "rank file name '/etc/passwd' is not a plain file name"),
     (lambda d: d.update(slices=[[0, 60], [65, 130]]), "do not follow each other from 0"),
     (lambda d: d["files"][1].update(rank=0), "rank file entry 1 says rank 0"),
-], ids=["parent-folder", "absolute", "slices-with-a-gap", "rank-twice"])
+    (lambda d: d["dims"].update(d_model="64"), "'dims' is not the model's dimensions"),
+    (lambda d: d.update(family="gpt2"), "its model family: gpt2 is not a family moeshard serves"),
+], ids=["parent-folder", "absolute", "slices-with-a-gap", "rank-twice", "dims-not-numbers", "unknown-family"])
 def test_manifest_entries_are_confined_and_consistent(w2, tmp_path, edit, message):
     other = tmp_path / "other-set"
     other.mkdir()

@@ -51,6 +51,11 @@ class ShardSet:
 
     @property
     def dims(self):
+        """The model's Dims as `shard` recorded them (no transformers import in the launcher); older sets: from the config."""
+        from moeshard_cli.families import Dims
+
+        if isinstance(self.data.get("dims"), dict):
+            return Dims(**self.data["dims"])
         return self.family.dims(self.config)
 
     @property
@@ -126,12 +131,19 @@ def _schema_problem(data: dict) -> str | None:
 
 
 def _family_problem(data: dict) -> str | None:
-    from moeshard_cli.families import family_of
+    from dataclasses import fields
+
+    from moeshard_cli.families import Dims, family_of
 
     try:
         family_of(data.get("family", "switch_transformers"))
     except ValueError as exc:
         return f"its model family: {exc}"
+    dims = data.get("dims")
+    if dims is not None:
+        kinds = {f.name: bool if f.name == "decoder" else int for f in fields(Dims)}
+        if not isinstance(dims, dict) or set(dims) != set(kinds) or any(type(dims[k]) is not kind for k, kind in kinds.items()):
+            return f"'dims' is not the model's dimensions ({', '.join(kinds)})"
     return None
 
 
