@@ -40,8 +40,8 @@ def print_tables(console: Console, result: dict, per_layer: bool) -> None:
     cfg = result["config"]
     title = f"TTFT, {cfg['workers']} workers on {cfg['device']}, seq {cfg['seq_len']}, hot experts {cfg['hot_experts']}"
     table = Table(title=title, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="B: sequences per worker; ms: TTFT (one encoder forward), median and p10-p90 over n; speedup: the "
-                          "system's median over moeshard's; drop: tokens DeepSpeed dropped; imb: busiest worker's share of "
+                  caption="B: sequences per worker; ms: TTFT (one forward to the last hidden states), median and p10-p90 over n; speedup: the "
+                          "system's median over moeshard's; drop: (token, expert) assignments DeepSpeed dropped; imb: busiest worker's share of "
                           "expert tokens x workers; |Δ|: largest output difference to moeshard")
     for col in ("E", "B", "skew", "system", "ms", "p10-p90", "n", "speedup", "drop", "imb", "|Δ|"):
         table.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
