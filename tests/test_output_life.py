@@ -27,21 +27,23 @@ def step_lines(step: int) -> list[int]:
     return [LINES - 1 - step, step][:PER_STEP]
 
 
-def begin(output, **flags) -> tuple[OutputLife, outputs.OutputLayout]:
+def begin(output, fmt: str = "safetensors", pooling: str = "mean", width: int = D, **flags) -> tuple[OutputLife, outputs.OutputLayout]:
     life = OutputLife(output, **flags)
     life.claim(LINES)
-    start = life.start(IDENTITY, outputs.plan_layout(output, "safetensors", "mean", LINES, D, {"k": "v"}))
+    start = life.start(IDENTITY, outputs.plan_layout(output, fmt, pooling, LINES, width, {"k": "v"}))
     return life, start
 
 
-def write_steps(start, steps: range, window_record: bool = True) -> None:
-    writer = RowWriter(start.layout, start.journal)
+def write_steps(start, steps: range, window_record: bool = True, rows=rows_of) -> None:
+    """Rank 0's writer puts `rows(line)` of every line of `steps` in place, as the file holds them."""
+    layout = start.layout
+    writer = RowWriter(layout, start.journal)
     if window_record:
         writer.window({"window": 0, "line": 0, "lines": LINES, "byte": 0, "byte_end": 10 * LINES, "token": 0, "tokens": 5 * LINES,
                        "truncated": 0, "steps": LINES // PER_STEP}, None)
     for s in steps:
         writer.rows({"window": 0, "step": s, "lines": PER_STEP},
-                    [(start.layout.embedding_at(line), rows_of(line)) for line in step_lines(s)])
+                    [(layout.embedding_at(line), layout.encode(line, rows(line))) for line in step_lines(s)])
     writer.close()
 
 
@@ -223,26 +225,12 @@ def test_a_score_csv_resumes_checks_its_records_and_reads_in_pandas(tmp_path):
     import pandas as pd
 
     output = tmp_path / "scores.csv"
-    life = OutputLife(output)
-    life.claim(LINES)
-    start = life.start(IDENTITY, outputs.plan_layout(output, "csv", "score", LINES, 3, {"k": "v"}))
-    layout = start.layout
-
-    def write(start, steps, window_record=True):
-        writer = RowWriter(start.layout, start.journal)
-        if window_record:
-            writer.window({"window": 0, "line": 0, "lines": LINES, "byte": 0, "byte_end": 10 * LINES, "token": 0, "tokens": 5 * LINES,
-                           "truncated": 0, "steps": LINES // PER_STEP}, None)
-        for s in steps:
-            writer.rows({"window": 0, "step": s, "lines": PER_STEP},
-                        [(layout.embedding_at(line), layout.encode(line, score_rows(line))) for line in step_lines(s)])
-        writer.close()
-
-    write(start, range(3))
+    life, start = begin(output, "csv", "score", 3)
+    write_steps(start, range(3), rows=score_rows)
     life.close()
     life, again = resume(output)
     assert (again.position.step, again.lines_done) == (3, 3 * PER_STEP)
-    write(again, range(3, LINES // PER_STEP), window_record=False)
+    write_steps(again, range(3, LINES // PER_STEP), window_record=False, rows=score_rows)
     life.finish(5 * LINES)
     life.close()
     table = pd.read_csv(output)
@@ -253,14 +241,11 @@ def test_a_score_csv_resumes_checks_its_records_and_reads_in_pandas(tmp_path):
     assert table.mean_nll.isna().sum() == (expected[:, 0] == 1).sum() > 0  # one-token lines: no mean
 
     damaged = tmp_path / "damaged.csv"
-    life = OutputLife(damaged)
-    life.claim(LINES)
-    start = life.start(IDENTITY, outputs.plan_layout(damaged, "csv", "score", LINES, 3, {"k": "v"}))
-    layout = start.layout
-    write(start, range(3))
+    life, start = begin(damaged, "csv", "score", 3)
+    write_steps(start, range(3), rows=score_rows)
     life.close()
     with open(outputs.partial_path(damaged), "r+b") as f:  # a record of step 2 overwritten
-        f.seek(layout.embedding_at(step_lines(2)[0]) + 3)
+        f.seek(start.layout.embedding_at(step_lines(2)[0]) + 3)
         f.write(b"9")
     with pytest.raises(UserError) as info:
         resume(damaged)
