@@ -37,9 +37,8 @@ def force_router(family, model, spec: RouterSpec, holder: dict) -> None:
     if spec.kind == "model":
         return
     if family.decoder:
-        top_k = family.dims(model.config).top_k
-        num_experts = family.dims(model.config).num_experts
-        family.force_router(model, lambda layer, x_TD: skewed_routing(top_k, num_experts, spec, holder["ids"].reshape(-1), layer, x_TD.dtype))
+        dims = family.dims(model.config)
+        family.force_router(model, lambda layer, x_TD: skewed_routing(dims.top_k, dims.num_experts, spec, holder["ids"].reshape(-1), layer, x_TD.dtype))
     else:
         family.force_router(model, lambda layer, logits, dtype: route(logits, dtype, spec, holder["ids"].reshape(-1), layer))
 

@@ -31,10 +31,6 @@ from moeshard_cli.shard.plan import join_slices, slice_along
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 
 
-def expert_layers(source: Source) -> list[int]:
-    return source.family.expert_layers(e.name for e in source.tensors)
-
-
 class SharedExperts:
     def __init__(self, path: Path, family, layers: list[int], num_experts: int, d_model: int, bounds: list[tuple[int, int]],
                  dtype: torch.dtype):

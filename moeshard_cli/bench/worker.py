@@ -19,7 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from moeshard_cli.bench.systems import Skip, build_dispatch, uses_deepspeed
 from moeshard_cli.bench.tensor_parallel import TensorParallelSystem, checkpoint_for
-from moeshard_cli.bench.weights import SharedExperts, available_memory, expert_layers, shm_path
+from moeshard_cli.bench.weights import SharedExperts, available_memory, shm_path
 from moeshard_cli.shard.sources import resolve
 from moeshard_cli.launch import worker_process_group
 from moeshard_cli.model import build_shell, moe_module
@@ -28,7 +28,7 @@ from moeshard_cli.moe.experts import resolve_backend
 from moeshard_cli.moe.layer import TokenContext, token_ids_for
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.moe.timing import SectionTimer
-from moeshard_cli.shard.plan import slice_bounds
+from moeshard_cli.shard.plan import expert_layers, slice_bounds
 
 
 @dataclass
@@ -126,7 +126,7 @@ def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, 
     source = resolve(model_name)
     family, config, dims = source.family, source.config, source.dims
     E, D = dims.num_experts, dims.d_model
-    layers = expert_layers(source)
+    layers = expert_layers(family, (e.name for e in source.tensors))
     bounds = slice_bounds(dims.d_ff, world)
     need = SharedExperts.size_for(family, len(layers), E, D, bounds, torch.float32)
     free = int(_max_all([-available_memory()])[0] * -1)  # the smallest free memory of any worker

@@ -126,9 +126,6 @@ class GatedDecoderFamily:
                     shapes[f"{prefix}.{e}.down_proj.weight"] = tuple(tensor.shape[1:])
         return shapes
 
-    def expert_layers(self, names) -> list[int]:
-        return sorted({parsed[0] for name in names if (parsed := self.parse_expert_key(name))})
-
     def tied(self, config) -> bool:
         return bool(getattr(self.config(config), "tie_word_embeddings", False))
 

@@ -11,7 +11,6 @@ not. The model `run` executes is the encoder; the decoder and the LM head are no
 from __future__ import annotations
 
 import re
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -106,9 +105,6 @@ class SwitchFamily:
     def expected_tensors(self, config) -> dict[str, tuple[int, ...]]:
         """Rank-file keys of the whole (unsliced) encoder and their shapes, from a meta-device build."""
         return {k: tuple(v.shape) for k, v in meta_encoder(config).state_dict().items() if k != ENCODER_EMBED_KEY}
-
-    def expert_layers(self, names: Iterable[str]) -> list[int]:
-        return sorted({parsed[0] for name in names if (parsed := parse_expert_key(name))})
 
     # ---------------------------------------------------------------- the module tree
 

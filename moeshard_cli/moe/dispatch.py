@@ -90,15 +90,13 @@ class ShardedDispatch(Counted):
 
     def compute(self, x_RD, ids_RK, weights_RK, real_R, counts_E) -> torch.Tensor:
         """This worker's slice of every token's K experts, weighted and summed per token."""
-        if real_R.numel() != x_RD.shape[0]:  # padded exchange: only the real rows are computed
-            x_TD, ids_TK, weights_TK = x_RD[real_R], ids_RK[real_R], weights_RK[real_R]
-        else:
-            x_TD, ids_TK, weights_TK = x_RD, ids_RK, weights_RK
+        padded = real_R.numel() != x_RD.shape[0]  # the padded exchange: only the real rows are computed
+        x_TD, ids_TK, weights_TK = (x_RD[real_R], ids_RK[real_R], weights_RK[real_R]) if padded else (x_RD, ids_RK, weights_RK)
         K = ids_TK.shape[1]
         order_P, _ = sort_pairs(ids_TK, self.num_experts)
         out_PD = self.experts(x_TD[order_P // K], counts_E)
         y_TD = weighted_sum(out_PD, order_P, weights_TK).to(x_RD.dtype)
-        if real_R.numel() == x_RD.shape[0]:
+        if not padded:
             return y_TD
         y_RD = x_RD.new_zeros(x_RD.shape)
         y_RD[real_R] = y_TD

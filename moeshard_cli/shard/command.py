@@ -24,7 +24,7 @@ from moeshard_cli.dtypes import DTYPES
 from moeshard_cli.files import is_temporary, write_json_atomic
 from moeshard_cli.shard.manifest import DEFAULT_ROOT, FORMAT_VERSION, MANIFEST
 from moeshard_cli.options import flag
-from moeshard_cli.shard.plan import check_world, rank_file_name, slice_along, slice_bounds, sliced_dim, sliced_shape
+from moeshard_cli.shard.plan import check_world, expert_layers, rank_file_name, slice_along, slice_bounds, sliced_dim, sliced_shape
 from moeshard_cli.shard.writer import StreamingSafetensorsWriter
 
 OWN_FILES = {MANIFEST, "config.json", *TOKENIZER_FILES}
@@ -189,7 +189,7 @@ def shard(opts: ShardOptions, progress=None) -> ShardResult:
         written += [out / "config.json", *(out / n for n in TOKENIZER_FILES)]
         source.config.to_json_file(str(out / "config.json"))
         tokenizer_files = source.save_tokenizer(out)
-        sparse = source.family.expert_layers(n for n, *_ in layouts[0])
+        sparse = expert_layers(source.family, (n for n, *_ in layouts[0]))
         manifest = {
             "format_version": FORMAT_VERSION, "tool": "moeshard", "tool_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

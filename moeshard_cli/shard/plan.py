@@ -60,5 +60,10 @@ def sliced_dim(family, name: str) -> int | None:
     return family.sliced_dim(parsed[2]) if parsed else None
 
 
+def expert_layers(family, names) -> list[int]:
+    """The layers that hold experts, from rank-file key names."""
+    return sorted({parsed[0] for name in names if (parsed := family.parse_expert_key(name))})
+
+
 def rank_file_name(rank: int, world: int) -> str:
     return f"rank-{rank:05d}-of-{world:05d}.safetensors"
