@@ -167,14 +167,18 @@ def _builtin_source(name: str) -> Source:
 def _hub_source(repo_id: str, revision: str | None) -> Source:
     from huggingface_hub import snapshot_download
 
-    fix = "pass a local checkpoint directory, or use a machine where the model is in the HF cache (HF_HOME) with HF_HUB_OFFLINE=1"
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS + ["*.safetensors", "*.safetensors.index.json"]))
-        if not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS + ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]))
-    except Exception as exc:  # huggingface_hub raises many types: offline, not found, network, auth
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot fetch {repo_id} from the Hugging Face hub ({type(exc).__name__}: {reason[:160]})", fix) from exc
+    def fetch(patterns: list[str]) -> Path:
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        except Exception as exc:  # huggingface_hub raises many types: offline, not found, network, auth
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot fetch {repo_id} from the Hugging Face hub ({type(exc).__name__}: {reason[:160]})",
+                            "pass a local checkpoint directory, or use a machine where the model is in the HF cache (HF_HOME) with HF_HUB_OFFLINE=1") from exc
+
+    _read_config(fetch(["config.json"]))  # an unserved family or quantization is refused before the weights are downloaded
+    folder = fetch(HUB_PATTERNS + ["*.safetensors", "*.safetensors.index.json"])
+    if not any(folder.glob("*.safetensors")):
+        folder = fetch(HUB_PATTERNS + ["pytorch_model*.bin", "pytorch_model*.bin.index.json"])
     src = _local_source(folder, label=repo_id, kind="hub")
     src.revision = revision
     return src
