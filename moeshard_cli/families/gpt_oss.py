@@ -21,8 +21,6 @@ attention (sinks, sliding-window layers) stay transformers' own.
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
-
 import torch
 from torch import nn
 
@@ -55,17 +53,11 @@ class GptOssFamily(GatedDecoderFamily):
     # the rank with d_ff slice [a, b) holds gate_up's columns [2a, 2b); the down bias lives on rank 0 only
     slice_steps = {"gate_up_proj": 2, "gate_up_proj_bias": 2}
     one_rank = frozenset({"down_proj_bias"})
+    expert_biases = ("gate_up_proj_bias", "down_proj_bias")  # (input, output): the bench's shared experts hold them
 
     def act(self, config) -> nn.Module:
-        raise TypeError("GPT-OSS experts take gate and up together: use glu()")
-
-    def glu(self, config):
-        """transformers' own clamped SwiGLU of an interleaved [N, 2F] row, `(up + 1) * gate * sigmoid(alpha * gate)`."""
-        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
-
         c = self.config(config)
-        holder = SimpleNamespace(alpha=c.swiglu_alpha, limit=c.swiglu_limit)
-        return lambda gate_up_NH: GptOssExperts._apply_gate(holder, gate_up_NH)
+        return ClampedSwiGLU(c.swiglu_alpha, c.swiglu_limit)
 
     # ---------------------------------------------------------------- checkpoint keys
 
@@ -103,7 +95,7 @@ class GptOssFamily(GatedDecoderFamily):
 
         w_in_EDH, bias_in_EH, w_out_EFD = stack_interleaved(mats["gate_up_proj"], mats["gate_up_proj_bias"], mats["down_proj"])
         bias_out_ED = torch.stack(mats["down_proj_bias"]) if "down_proj_bias" in mats else None
-        return GroupedExperts(w_in_EDH, w_out_EFD, None, backend, bias_in_EH, bias_out_ED, glu=self.glu(config))
+        return GroupedExperts(w_in_EDH, w_out_EFD, self.act(config), backend, bias_in_EH, bias_out_ED)
 
     def transformers_experts(self, config, experts: list[dict[str, torch.Tensor]]):
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
@@ -160,6 +152,22 @@ class GptOssFamily(GatedDecoderFamily):
         if name.endswith("o_proj.weight"):
             return (c.num_attention_heads * c.head_dim) ** -0.5
         return c.hidden_size**-0.5
+
+
+class ClampedSwiGLU(nn.Module):
+    """transformers' own GPT-OSS activation of an interleaved [N, 2F] row (`GptOssExperts._apply_gate`):
+    `(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`, g = clamp(gate, max=limit); elementwise along F."""
+
+    gate_and_up = True  # moe/experts.GroupedExperts hands it the whole row
+
+    def __init__(self, alpha: float, limit: float):
+        super().__init__()
+        self.alpha, self.limit = alpha, limit
+
+    def forward(self, gate_up_NH: torch.Tensor) -> torch.Tensor:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+        return GptOssExperts._apply_gate(self, gate_up_NH)
 
 
 def stack_interleaved(gate_up_E: list[torch.Tensor], bias_E: list[torch.Tensor], down_E: list[torch.Tensor]):

@@ -100,13 +100,13 @@ class GroupedExperts(nn.Module):
     expert, or whole experts. H = F for a plain expert, `act(x W_in) W_out` (Switch); H = 2F for a
     gated one, `(act(x W_gate) * (x W_up)) W_out` (SwiGLU: Qwen-MoE, Mixtral, OLMoE). Optional
     biases: `bias_in_EH` (sliced like w_in) and `bias_out_ED`, which a sharded layer gives to one
-    rank only, since the ranks' partial outputs are summed. `glu`, for a gated layout whose gate and
-    up columns interleave (GPT-OSS), maps the whole [N, 2F] input row to [N, F] in place of
+    rank only, since the ranks' partial outputs are summed. An `act` marked `gate_and_up` (GPT-OSS's,
+    whose gate and up columns interleave) maps the whole [N, 2F] row to [N, F] in place of
     `act(gate) * up`.
     """
 
-    def __init__(self, w_in_EDH: torch.Tensor, w_out_EFD: torch.Tensor, act: nn.Module | None, backend: str,
-                 bias_in_EH: torch.Tensor | None = None, bias_out_ED: torch.Tensor | None = None, glu=None):
+    def __init__(self, w_in_EDH: torch.Tensor, w_out_EFD: torch.Tensor, act: nn.Module, backend: str,
+                 bias_in_EH: torch.Tensor | None = None, bias_out_ED: torch.Tensor | None = None):
         super().__init__()
         if w_in_EDH.shape[2] not in (w_out_EFD.shape[1], 2 * w_out_EFD.shape[1]):
             raise ValueError(f"w_in {list(w_in_EDH.shape)} does not fit w_out {list(w_out_EFD.shape)}")
@@ -114,7 +114,7 @@ class GroupedExperts(nn.Module):
         self.register_buffer("w_out_EFD", w_out_EFD, persistent=False)
         self.bias_in_EH, self.bias_out_ED = bias_in_EH, bias_out_ED
         self.gated = w_in_EDH.shape[2] == 2 * w_out_EFD.shape[1]
-        self.act, self.glu = act, glu
+        self.act = act
         self.backend = backend
         self._mm = {"loop": _loop_mm, "megablocks": _megablocks_mm, "grouped_mm": _grouped_mm}[backend]
 
@@ -127,8 +127,8 @@ class GroupedExperts(nn.Module):
         if counts_E.device.type != "cpu":
             counts_E = counts_E.cpu()
         h_NH = _with_bias(self._mm(x_ND, self.w_in_EDH, counts_E), self.bias_in_EH, counts_E)
-        if self.glu is not None:
-            h_NF = self.glu(h_NH)
+        if getattr(self.act, "gate_and_up", False):
+            h_NF = self.act(h_NH)
         elif self.gated:
             gate_NF, up_NF = h_NH.chunk(2, dim=1)
             h_NF = self.act(gate_NF) * up_NF
