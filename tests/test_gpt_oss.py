@@ -31,6 +31,7 @@ from conftest import invoke
 from moeshard_cli.families import builtin_family
 from moeshard_cli.moe.dispatch import ShardedDispatch
 from moeshard_cli.moe.exchange import Collectives
+from moeshard_cli.moe.experts import GroupedExperts
 from moeshard_cli.moe.timing import SectionTimer
 from moeshard_cli.reference import reassemble_state, reference_model, reference_outputs
 from moeshard_cli.shard.manifest import MANIFEST, read_shard_set
@@ -262,3 +263,36 @@ def test_a_wrong_layout_fails_the_same_comparison(runs, reference, layout):
     (result,) = runs[layout]
     error = max_error(embeddings(result, "last"), reference(2, "last"))
     assert error > 1e-2, f"a shard set with {layout} is within {error:.2e} of transformers"
+
+
+# ---------------------------------------------------------------- the bench's shared experts
+
+
+def test_bench_shared_experts_hold_the_layout(tmp_path, transformers_output):
+    """bench/weights.SharedExperts, filled from the built-in, gives back every expert bit for bit, and
+    the moeshard and ep systems built on it (biases included) give transformers' experts' output."""
+    from moeshard_cli.bench.systems import SlicedExperts
+    from moeshard_cli.bench.weights import SharedExperts
+    from moeshard_cli.shard.sources import resolve
+
+    source = resolve(MODEL)
+    bounds = slice_bounds(F, 3)
+    path = tmp_path / "experts.bin"
+    SharedExperts.create(path, SharedExperts.size_for(FAMILY, 2, E, D, bounds, torch.float32))
+    shared = SharedExperts(path, FAMILY, [0, 1], E, D, bounds, torch.float32)
+    shared.fill(source, 0, 1)
+    entries = {t.name: t for t in source.tensors}
+    experts = [shared.full_expert(1, e) for e in range(E)]
+    for e, expert in enumerate(experts):
+        assert set(expert) == {"gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"}
+        for matrix, tensor in expert.items():
+            assert torch.equal(tensor, entries[FAMILY.expert_key(1, e, matrix)].load()), (e, matrix)
+    x_TD, ids_TK, weights_TK = routed()
+    with torch.no_grad():
+        want = FAMILY.transformers_experts(CONFIG, experts)(x_TD, ids_TK, weights_TK)
+    act, timer = FAMILY.act(CONFIG), SectionTimer(torch.device("cpu"))
+    ranks = sum(ShardedDispatch(GroupedExperts(shared.w_in_GEDH[1][g], shared.w_out_GEFD[1][g], act, "grouped_mm", *shared.biases(1, g)),
+                                Collectives(), timer)(x_TD, ids_TK, weights_TK)[0] for g in range(3))
+    whole = ShardedDispatch(SlicedExperts(shared.w_in_GEDH[1], shared.w_out_GEFD[1], act, "loop", lambda g: shared.biases(1, g)),
+                            Collectives(), timer)(x_TD, ids_TK, weights_TK)[0]
+    assert max_error(ranks, want) <= TOL and max_error(whole, want) <= TOL
