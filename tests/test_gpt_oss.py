@@ -37,7 +37,7 @@ from moeshard_cli.reference import reassemble_state, reference_model, reference_
 from moeshard_cli.shard.manifest import MANIFEST, read_shard_set
 from moeshard_cli.shard.plan import held_by, rank_cut, slice_along, slice_bounds
 from test_families import BATCH, CORPUS, MAX_LENGTH, TOL, embeddings, max_error, succeeded
-from test_run import run_groups
+from test_run import error_line, run_groups
 
 MODEL = "tiny-gpt-oss"
 FAMILY = builtin_family(MODEL)
@@ -296,3 +296,14 @@ def test_bench_shared_experts_hold_the_layout(tmp_path, transformers_output):
     whole = ShardedDispatch(SlicedExperts(shared.w_in_GEDH[1], shared.w_out_GEFD[1], act, "loop", lambda g: shared.biases(1, g)),
                             Collectives(), timer)(x_TD, ids_TK, weights_TK)[0]
     assert max_error(ranks, want) <= TOL and max_error(whole, want) <= TOL
+
+
+def test_fused_attention_is_refused_before_any_worker(tmp_path):
+    code, _, err = invoke(["shard", MODEL, "--gpus", 1, "--out", tmp_path / "set"])
+    assert code == 0, err
+    (tmp_path / "in.txt").write_text("a line\n")
+    code, _, err = invoke(["run", "--shards", tmp_path / "set", "--input", tmp_path / "in.txt", "--output", tmp_path / "o.safetensors",
+                           "--attention", "fused"])
+    line = error_line(err)
+    assert code == 2 and "--attention fused" in line and "sinks" in line and "--attention eager" in line, line
+    assert not (tmp_path / "o.safetensors").exists()

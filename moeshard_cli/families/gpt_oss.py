@@ -54,6 +54,7 @@ class GptOssFamily(GatedDecoderFamily):
     slice_steps = {"gate_up_proj": 2, "gate_up_proj_bias": 2}
     one_rank = frozenset({"down_proj_bias"})
     expert_biases = ("gate_up_proj_bias", "down_proj_bias")  # (input, output): the bench's shared experts hold them
+    no_sdpa = "transformers has no sdpa attention for gpt_oss (its attention sinks): only its eager one"
 
     def act(self, config) -> nn.Module:
         c = self.config(config)
