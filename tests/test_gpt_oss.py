@@ -149,11 +149,14 @@ def test_transformers_checkpoint_reassembles_bit_for_bit(tmp_path):
         assert shapes.pop(f"{prefix}.gate_up_proj") == [D, 2 * (hi - lo)] and shapes.pop(f"{prefix}.down_proj") == [hi - lo, D]
         assert shapes.pop(f"{prefix}.gate_up_proj_bias") == [2 * (hi - lo)]
         assert shapes == ({f"{prefix}.down_proj_bias": [D]} if rank == 0 else {})  # the down bias: rank 0 only
-    got = FAMILY.fuse(reassemble_state(shards))
+    code, _, err = invoke(["shard", tmp_path / "set", "--gpus", 2, "--out", tmp_path / "again"])  # a shard set re-sharded
+    assert code == 0, err
     want = AutoModelForCausalLM.from_pretrained(str(source)).state_dict()
-    assert set(got) == set(want)
-    for key, tensor in want.items():
-        assert torch.equal(got[key], tensor), f"{key} does not reassemble to transformers' parameter"
+    for shard_set in ("set", "again"):
+        got = FAMILY.fuse(reassemble_state(read_shard_set(tmp_path / shard_set)))
+        assert set(got) == set(want)
+        for key, tensor in want.items():
+            assert torch.equal(got[key], tensor), f"{shard_set}: {key} does not reassemble to transformers' parameter"
 
 
 # ---------------------------------------------------------------- end to end against transformers' causal LM
