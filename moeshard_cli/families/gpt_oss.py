@@ -21,6 +21,7 @@ attention (sinks, sliding-window layers) stay transformers' own.
 from __future__ import annotations
 
 import re
+
 import torch
 from torch import nn
 
