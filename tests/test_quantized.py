@@ -102,8 +102,9 @@ def test_rank_files_reassemble_to_transformers_dequantized_load(request, tmp_pat
     assert {"mxfp4": "U8", "fp8": "F8_E4M3"}[kind] in dtypes  # the checkpoint really is quantized
     for dtype in ("bfloat16", "float32"):
         out = tmp_path / dtype
-        code, _, err = invoke(["shard", source, "--gpus", world, "--out", out, "--dtype", dtype])
+        code, stdout, err = invoke(["shard", source, "--gpus", world, "--out", out, "--dtype", dtype])
         assert code == 0, err
+        assert f"dtype {dtype}, dequantized from {kind}" in " ".join(stdout.split())
         shards = read_shard_set(out)
         assert shards.data["dequantized_from"] == kind and shards.slices == slices
         assert "quantization_config" not in json.loads((out / "config.json").read_text())  # the rank files are not quantized
