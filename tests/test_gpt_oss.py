@@ -310,3 +310,13 @@ def test_fused_attention_is_refused_before_any_worker(tmp_path):
     line = error_line(err)
     assert code == 2 and "--attention fused" in line and "sinks" in line and "--attention eager" in line, line
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_bench_tp_says_transformers_plan_does_not_cut_these_experts(tmp_path):
+    from moeshard_cli.bench.systems import Skip
+    from moeshard_cli.bench.worker import _tensor_parallel
+    from moeshard_cli.shard.sources import resolve
+
+    skip = _tensor_parallel(resolve(MODEL), tmp_path, 0, 2, torch.device("cpu"))
+    assert isinstance(skip, Skip) and "does not cut the experts" in skip.reason and "gpt_oss" in skip.reason
+    assert not (tmp_path / "ckpt").exists() and list(tmp_path.iterdir()) == []
