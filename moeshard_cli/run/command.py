@@ -164,7 +164,8 @@ class RunSummary:
         }
 
 
-def run(opts: RunOptions) -> RunSummary:
+def run(opts: RunOptions, pool=None) -> RunSummary:
+    """The whole run; its workers are launched for this job, or are `pool`'s (run/pool.py, one node)."""
     start_time = time.perf_counter()
     opts.validate()
     output, shards_dir, writer_node = opts.output_path, opts.shards_dir, opts.node_rank == 0
@@ -174,9 +175,12 @@ def run(opts: RunOptions) -> RunSummary:
     world = shards.world_size
     if world % opts.nnodes:
         raise UserError(f"the shard set has {world} ranks, which does not split over {opts.nnodes} nodes", "use a number of nodes that divides the world size")
+    if pool is not None and (world != pool.world or opts.nnodes > 1):
+        raise UserError(f"the shard set {shards_dir} has {world} ranks, the worker pool {pool.world} on one node",
+                        f"use a shard set for {pool.world} workers with this pool, or start a pool for this one")
     local = world // opts.nnodes
     check_files(shards, verify=opts.verify, ranks=list(range(opts.node_rank * local, (opts.node_rank + 1) * local)))
-    device = pick_device(opts.device, local)
+    device = pool.device if pool is not None else pick_device(opts.device, local)
     _check_backend(opts.backend, device, shards)
     info = scan_input(opts.input)
     window = round_window(opts.window, opts.batch_size, world)
@@ -201,7 +205,10 @@ def run(opts: RunOptions) -> RunSummary:
             print(f"node {opts.node_rank} of {opts.nnodes}: waiting up to {opts.timeout:g} s for the other nodes at {opts.rdzv_endpoint}",
                   flush=True)
         try:
-            returned = launch(worker_main, job, world, opts.nnodes, opts.node_rank, opts.rdzv_endpoint, opts.debug, timeout=opts.timeout)
+            if pool is not None:
+                returned = pool.run_job(job)
+            else:
+                returned = launch(worker_main, job, world, opts.nnodes, opts.node_rank, opts.rdzv_endpoint, opts.debug, timeout=opts.timeout)
         except (UserError, Interrupted) as exc:
             raise life.stop(exc, info.lines) if life else exc
         result = returned.get(0)

@@ -21,10 +21,11 @@ from torch.nn.utils.rnn import pad_sequence
 
 from moeshard_cli.errors import UserError
 from moeshard_cli.launch import release_free_memory, worker_process_group
-from moeshard_cli.shard.manifest import read_shard_set
+from moeshard_cli.shard.manifest import MANIFEST, read_shard_set
 from moeshard_cli.model import sharded_model
 from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.layer import token_ids_for
+from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.moe.timing import SectionTimer
 from moeshard_cli.run.feed import PlannedWindow, Position, WindowFeed
 from moeshard_cli.run.job import RunJob
@@ -33,13 +34,44 @@ from moeshard_cli.run.schedule import spread, step_tokens
 
 
 def encode(job: RunJob):
+    """`moeshard run`'s worker: one job in a process group of its own."""
     with worker_process_group(job.device, job.timeout) as (rank, world, device):
-        return _Encoder(job, rank, world, device).run()
+        return EncodeSession(rank, world, device, job.timeout).encode(job)
+
+
+class EncodeSession:
+    """A worker's loaded model and side group, kept across the jobs it encodes: one for `moeshard run`,
+    many for a pool (run/pool.py). A job for another shard set, expert backend or attention reloads;
+    the router, being stateless (moe/routing.py), is swapped in place."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, timeout: float):
+        self.rank, self.world, self.device = rank, world, device
+        self.side = dist.new_group(backend="gloo", timeout=_timeout(timeout)) if world > 1 else None
+        self.key, self.sharded, self.timer = None, None, None
+
+    def load(self, shards: str, backend: str, attention: str, router: RouterSpec) -> None:
+        manifest = (Path(shards) / MANIFEST).stat()  # a set re-sharded in place (--force) is another set
+        key = (str(Path(shards).resolve()), manifest.st_mtime_ns, manifest.st_ino, backend, attention)
+        if key != self.key:
+            self.key, self.sharded = None, None  # the old model's memory goes before the new one comes
+            release_free_memory()
+            self.timer = SectionTimer(self.device)
+            self.sharded = sharded_model(read_shard_set(Path(shards)), self.rank, self.device, backend, router,
+                                         Collectives(timer=self.timer), self.timer, attention)
+            self.key = key
+        self.timer.reset()
+        for mlp in self.sharded.mlps.values():
+            mlp.spec = router
+            mlp.load.reset()
+
+    def encode(self, job: RunJob) -> dict | None:
+        return _Encoder(job, self).run()
 
 
 class _Encoder:
-    def __init__(self, job: RunJob, rank: int, world: int, device: torch.device):
-        self.job, self.rank, self.world, self.device = job, rank, world, device
+    def __init__(self, job: RunJob, session: EncodeSession):
+        self.job, self.session = job, session
+        self.rank, self.world, self.device = session.rank, session.world, session.device
         self.start, self.lines_done = self._agree_on_start()
 
     def _agree_on_start(self) -> tuple[Position, int]:
@@ -59,14 +91,12 @@ class _Encoder:
         return everyone[0][1], everyone[0][2]
 
     def run(self) -> dict | None:
-        job, rank, world = self.job, self.rank, self.world
-        side = dist.new_group(backend="gloo", timeout=_timeout(job)) if world > 1 else None
+        job, rank, world, session = self.job, self.rank, self.world, self.session
         feed = WindowFeed(Path(job.input), _tokenizer(job.shards), job.max_length, job.window, job.batch_size,
-                          self.start, rank, world, side)
-        try:
-            timer = SectionTimer(self.device)
-            self.sharded = sharded_model(read_shard_set(Path(job.shards)), rank, self.device, job.backend, job.router,
-                                         Collectives(timer=timer), timer, job.attention)
+                          self.start, rank, world, session.side)
+        try:  # the model loads while the feed tokenizes the first window
+            session.load(job.shards, job.backend, job.attention, job.router)
+            self.sharded, timer = session.sharded, session.timer
             writer = RowWriter(job.layout, Path(job.journal)) if rank == 0 else None
             try:
                 stats = self._loop(feed, writer, timer)
@@ -180,7 +210,7 @@ class _Encoder:
         return places
 
     def _report(self, stats: dict, mlps: dict, backend: str, timer) -> dict | None:
-        mine = {"rank": self.rank, "forward_s": list(stats["forward_s"]), "timer": timer.flush(),
+        mine = {"rank": self.rank, "pid": os.getpid(), "forward_s": list(stats["forward_s"]), "timer": timer.flush(),
                 "tokens": stats["tokens"], "padded": stats["padded"]}
         gathered = [None] * self.world if self.rank == 0 else None
         if self.world > 1:
@@ -238,10 +268,10 @@ def _tokenizer(shards: str):
                         "re-shard with this version of moeshard, which stores it as tokenizer.json") from exc
 
 
-def _timeout(job: RunJob):
+def _timeout(seconds: float):
     from datetime import timedelta
 
-    return timedelta(seconds=job.timeout)
+    return timedelta(seconds=seconds)
 
 
 class _Progress:
