@@ -77,7 +77,11 @@ def shard(
 @app.command()
 def run(
     input: Path = typer.Option(..., "--input", "-i", help="UTF-8 text file, one document per line."),
-    shards: Optional[Path] = typer.Option(None, "--shards", help="Shard set directory (default: the one under ./moeshard-shards)."),
+    shards: Optional[Path] = typer.Option(None, "--shards", help="Shard set directory (default: the one under ./moeshard-shards or ./moeshard-demo; the newest of several)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, checkpoint directory or built-in name: cut for --gpus workers on first use into the cache ($MOESHARD_CACHE, default ~/.cache/moeshard/shards), reused afterwards."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", "-n", help="Workers (one per GPU, or CPU processes). With --model: the cut's (default: the GPUs, else 2); else the shard set's."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="With --model: the cut's data type, float32, bfloat16 or float16 (default float32)."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="With --model: hub revision (branch, tag or commit)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file, .safetensors or .npy (default: INPUT.moeshard.safetensors); .csv with --score (default: INPUT.moeshard-scores.csv)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Lines per batch per worker."),
     max_length: int = typer.Option(512, "--max-length", help="Truncate lines to this many tokens."),
@@ -105,6 +109,8 @@ def run(
     """Encode a text file with one worker per rank of a shard set: embeddings, or per-line scores (--score)."""
     from moeshard_cli.run.report import print_run_summary
     from moeshard_cli.run.command import RunOptions, run as do_run
+    from moeshard_cli.shard.cache import settle_shards
+    from moeshard_cli.ui import byte_progress
 
     opts = RunOptions(
         input=input, shards=shards, output=output, batch_size=batch_size, max_length=max_length, window=window, pooling=pooling, score=score,
@@ -112,12 +118,19 @@ def run(
         timeout=timeout, verify=verify, resume=resume, restart=restart, verify_partial=verify_partial, json_path=json_path, nnodes=nnodes,
         node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, debug=STATE["debug"], show_progress=console.is_terminal,
     )
+    with byte_progress(console, "sharding") as progress:
+        settle_shards(opts, model, gpus, dtype, revision, progress, on_cut=_print_cut, note=lambda line: err_console.print(f"note: {escape(line)}"))
     summary = do_run(opts)
     print_run_summary(console, summary)
     if json_path and summary.result is not None:  # only the node that hosts rank 0 has the figures
         from moeshard_cli.files import write_json_atomic
 
         write_json_atomic(json_path, summary.figures())
+
+
+def _print_cut(result) -> None:
+    console.print(f"cut {escape(result.source.label)} for {result.world} workers ({result.dtype}) into {escape(str(result.out))} "
+                  f"in {result.seconds:.1f} s: first use, later runs reuse it")
 
 
 @app.command()
