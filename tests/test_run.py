@@ -459,13 +459,14 @@ def test_two_nodes_give_the_one_node_output(runs):
 # ---------------------------------------------------------------- found without --shards
 
 
-def test_several_shard_sets_are_listed(tmp_path, corpora):
-    for name in ("tiny-switch-w2", "tiny-switch-w4"):
+def test_no_fitting_shard_set_is_one_line(tmp_path, corpora):
+    """Of several sets `run` takes the newest (tests/test_api.py); none for --gpus is named with the fix."""
+    for name, world in (("tiny-switch-w2", 2), ("tiny-switch-w4", 4)):
         (tmp_path / "moeshard-shards" / name).mkdir(parents=True)
-        (tmp_path / "moeshard-shards" / name / MANIFEST).write_text("{}")
-    code, _, err = invoke(["run", "--input", corpora["main"], "--output", tmp_path / "o.safetensors"], cwd=tmp_path)
+        (tmp_path / "moeshard-shards" / name / MANIFEST).write_text(json.dumps({"world_size": world}))
+    code, _, err = invoke(["run", "--input", corpora["main"], "--gpus", 3, "--output", tmp_path / "o.safetensors"], cwd=tmp_path)
     line = error_line(err)
-    assert code == 2 and "several shard sets found" in line and "tiny-switch-w2" in line and "tiny-switch-w4" in line and "--shards" in line
+    assert code == 2 and "no shard set for 3 workers" in line and "tiny-switch-w2" in line and "tiny-switch-w4" in line and "--model" in line
     code, _, err = invoke(["run", "--input", corpora["main"]], cwd=tmp_path / "moeshard-shards")
     assert code == 2 and "no shard set found" in error_line(err)
 

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from moeshard_cli import __version__
@@ -26,7 +27,7 @@ from moeshard_cli.errors import UserError
 from moeshard_cli.shard.manifest import FORMAT_VERSION, MANIFEST
 
 CACHE_ENV = "MOESHARD_CACHE"
-TEMP_PREFIX = ".cutting-"  # + pid + "-" + key: a killed cut's folder is reclaimed by the next one
+TEMP_PREFIX = ".cutting-"  # + pid + "-": a killed cut's folder is reclaimed by the next one
 
 
 def cache_root() -> Path:
@@ -83,8 +84,7 @@ def ensure_shard_set(source: str, gpus: int, dtype: str = "float32", revision: s
     except OSError as exc:
         raise UserError(f"cannot create the shard cache {root} ({exc.strerror})", f"set {CACHE_ENV} to a folder you can write to") from exc
     _reclaim(root)
-    temp = root / f"{TEMP_PREFIX}{os.getpid()}-{final.name}"
-    shutil.rmtree(temp, ignore_errors=True)
+    temp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=root))  # one per cut, threads included
     try:
         result = shard(ShardOptions(source, gpus, temp, dtype, revision), progress)
         try:
@@ -111,6 +111,10 @@ def _reclaim(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _workers(gpus: int | None) -> int:
+    return default_workers() if gpus is None else gpus
+
+
 def default_workers() -> int:
     """Workers when --gpus is not given with --model: one per GPU, else 2 CPU workers (as `bench`)."""
     import torch
@@ -135,8 +139,8 @@ def shard_set_for(model: str | None, shards: Path | None, gpus: int | None, dtyp
                 return given  # a shard set for these workers and dtype already
         from moeshard_cli.shard.command import ShardOptions
 
-        ShardOptions(model, gpus or default_workers(), None, dtype or "float32", revision).validate()  # --gpus, --dtype
-        return cached_set_dir(model, gpus or default_workers(), dtype or "float32", revision)
+        ShardOptions(model, _workers(gpus), None, dtype or "float32", revision).validate()  # --gpus, --dtype
+        return cached_set_dir(model, _workers(gpus), dtype or "float32", revision)
     if shards is None:
         return default_shard_set(gpus, note)
     if gpus is not None and (shards / MANIFEST).is_file() and read_shard_set(shards).world_size != gpus:
@@ -151,7 +155,7 @@ def model_shard_set(model: str, gpus: int | None, dtype: str | None = None, revi
     """--model's shard set: itself if it is one for `gpus` workers, else its cut in the cache, made now if needed."""
     shards = shard_set_for(model, None, gpus, dtype, revision)
     if not (shards / MANIFEST).is_file():
-        ensure_shard_set(model, gpus or default_workers(), dtype or "float32", revision, progress, on_cut)
+        ensure_shard_set(model, _workers(gpus), dtype or "float32", revision, progress, on_cut)
     return shards
 
 
