@@ -127,7 +127,8 @@ def _rows(texts: Iterable[str], opts: RunOptions, settle, pool=None):
 
 
 def write_texts(texts: Iterable[str], path: Path) -> int:
-    """One text per line, streamed (bounded memory); a text that holds a line break would become two."""
+    """One text per line, streamed (bounded memory). A line ending at the end of a text is dropped, so
+    the lines of an open file can be passed as they are; any other line break would make two texts."""
     if isinstance(texts, (str, bytes)):
         raise UserError("texts is a single string", "pass a list (or any iterable) of strings, e.g. [text]")
     count = 0
@@ -135,6 +136,7 @@ def write_texts(texts: Iterable[str], path: Path) -> int:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise UserError(f"texts[{i}] is a {type(text).__name__}, not a str", "pass strings only")
+            text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
             if "\n" in text or "\r" in text:
                 raise UserError(f"texts[{i}] holds a line break; moeshard reads one text per line",
                                 "replace line breaks, e.g. text.replace('\\n', ' ')")

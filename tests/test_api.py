@@ -104,7 +104,7 @@ def test_one_step_run_cuts_once_then_reuses_the_cache(one_step):
 # ---------------------------------------------------------------- the API: the same rows as `moeshard run`
 
 
-def test_encode_equals_runs_rows_in_input_order(pool, one_step):
+def test_encode_equals_runs_rows_in_input_order(pool, one_step, corpus):
     rows = one_step[0]["rows"]
     got = pool.encode(CORPUS, max_length=MAX_LENGTH, batch_size=3)
     assert got.dtype == np.float32 and got.shape == rows.shape
@@ -112,6 +112,8 @@ def test_encode_equals_runs_rows_in_input_order(pool, one_step):
     # an iterable (a generator, read once) gives the same rows
     streamed = pool.encode((text for text in CORPUS), max_length=MAX_LENGTH, batch_size=3)
     assert np.abs(streamed - rows).max() <= 1e-6
+    with open(corpus, encoding="utf-8") as lines:  # an open file: each line's own line ending is dropped
+        assert np.abs(pool.encode(lines, max_length=MAX_LENGTH, batch_size=3) - rows).max() <= 1e-6
     # input order: the reversed corpus gives the reversed rows, which differ from the rows as they are
     backwards = pool.encode(CORPUS[::-1], max_length=MAX_LENGTH, batch_size=3)
     assert np.abs(backwards - rows[::-1]).max() <= 1e-5
@@ -157,7 +159,7 @@ def test_score_equals_run_score_rows(pool, place, corpus, cache):
 
 def test_empty_input_and_bad_texts(pool):
     assert pool.encode([]).shape == (0, 64)
-    for texts, needle in ((["a\nb"], "texts[0] holds a line break"), (["ok", 3], "texts[1] is a int"), ("one string", "a single string")):
+    for texts, needle in ((["a\nb"], "texts[0] holds a line break"), (["ok\n", "a\r\n\n"], "texts[1] holds"), (["ok", 3], "texts[1] is a int"), ("one string", "a single string")):
         with pytest.raises(UserError, match=needle.replace("[", r"\[").replace("]", r"\]")):
             pool.encode(texts)
 
