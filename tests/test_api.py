@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -187,6 +188,9 @@ def test_a_killed_worker_fails_the_call_naming_its_rank(pool, place):
     assert not caller.is_alive(), "the call hangs after its worker died"
     error = outcome.get("error")
     assert isinstance(error, UserError) and "worker rank 1 failed: killed by SIGKILL" in str(error), error
+    kept = Path(error.fix.rsplit(" ", 1)[-1])  # the failed launch keeps its worker logs for the user: not for a test
+    assert kept.is_dir() and "moeshard-failed-run-logs-" in kept.name
+    shutil.rmtree(kept)
     with pytest.raises(UserError, match="worker rank 1 failed"):  # the pool stays dead, and says why
         pool.encode(["again"])
 

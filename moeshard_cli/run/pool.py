@@ -62,9 +62,10 @@ def serve(spec: PoolSpec) -> None:
 
     with worker_process_group(spec.device, spec.timeout) as (rank, world, device):
         store = dist.TCPStore("127.0.0.1", spec.store_port, is_master=False, timeout=IDLE)
+        store.set(f"pid-{rank}", str(os.getpid()))  # from now on the parent can stop it (pool.close)
         session = EncodeSession(rank, world, device, spec.timeout)
         session.load(spec.shards, spec.backend, spec.attention, RouterSpec())
-        store.set(f"pid-{rank}", str(os.getpid()))  # also says: loaded, ready for jobs
+        store.set(f"ready-{rank}", "1")
         for n in itertools.count():
             job = pickle.loads(store.get(f"job-{n}"))
             if job is None:
@@ -113,11 +114,14 @@ class WorkerPool:
             self._failure = exc
 
     def _wait_until_started(self) -> None:
-        keys = [f"pid-{rank}" for rank in range(self.world)]
-        while not self.store.check(keys):
+        while not self.store.check([f"ready-{rank}" for rank in range(self.world)]):
             self._check_alive()
             time.sleep(POLL_S)
-        self.pids = [int(self.store.get(key)) for key in keys]
+        self.pids = self._posted_pids()
+
+    def _posted_pids(self) -> list[int]:
+        keys = [f"pid-{rank}" for rank in range(self.world)]
+        return [int(self.store.get(key)) for key in keys if self.store.check([key])]
 
     def _check_alive(self) -> None:
         if not self._thread.is_alive():
@@ -150,22 +154,28 @@ class WorkerPool:
             return
         self._closed = True
         atexit.unregister(self.close)
+        if not self._thread.is_alive():
+            return
+        stop = self._pending or not self.pids  # amid a job, or still starting (Ctrl-C in either)
+        self.store.set(f"job-{self._jobs}", pickle.dumps(None))  # an idle worker, or one not started yet, leaves at it
+        deadline, stopped = time.monotonic() + CLOSE_GRACE_S, set()
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            if stop:  # each worker once it has posted its pid (a starting one posts it before loading)
+                stopped |= self._signal(signal.SIGINT, stopped)  # launch() reads a SIGINT death as an interruption: no logs kept
+            self._thread.join(0.1)
         if self._thread.is_alive():
-            if self._pending:
-                self._signal(signal.SIGINT)  # launch() reads a SIGINT death as an interruption: no logs kept
-            else:  # idle, or still starting: each worker leaves at its next job
-                self.store.set(f"job-{self._jobs}", pickle.dumps(None))
-            self._thread.join(CLOSE_GRACE_S)
-            if self._thread.is_alive():
-                self._signal(signal.SIGKILL)
-                self._thread.join()
+            self._signal(signal.SIGKILL)
+            self._thread.join()
 
-    def _signal(self, sig: int) -> None:
-        for pid in self.pids:
+    def _signal(self, sig: int, skip: set[int] = frozenset()) -> set[int]:
+        """Send `sig` to every worker that has posted its pid (but `skip`); returns those pids."""
+        pids = set(self.pids or self._posted_pids()) - skip
+        for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+        return pids
 
     def __enter__(self) -> "WorkerPool":
         return self
