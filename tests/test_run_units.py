@@ -16,7 +16,7 @@ from transformers import ByT5Tokenizer
 from moeshard_cli.errors import UserError
 from moeshard_cli.run import outputs
 from moeshard_cli.run.command import RunOptions
-from moeshard_cli.run.feed import Position
+from moeshard_cli.run.outputs import Position
 from moeshard_cli.run.inputs import read_windows, scan_input, tokenize
 from moeshard_cli.run.schedule import plan_window, round_window, spread, step_tokens
 
@@ -223,7 +223,7 @@ def test_output_format_is_chosen_by_suffix(tmp_path, name, pooling, message):
     with pytest.raises(UserError) as info:  # the options name the flag and the fix
         RunOptions(input=tmp_path / "in.txt", shards=tmp_path / "set", output=tmp_path / name, pooling=pooling).validate()
     assert info.value.line().startswith(f"--output {tmp_path / name}") and ".safetensors" in info.value.fix
-    assert outputs.output_format(tmp_path / "o.safetensors", pooling) == "safetensors"
+    assert outputs.output_format(tmp_path / "o.safetensors", pooling).name == "safetensors"
 
 
 def test_a_full_disk_is_refused_before_any_work(tmp_path, monkeypatch):

@@ -21,18 +21,8 @@ import torch.distributed as dist
 from moeshard_cli.moe.exchange import all_gather_single
 from moeshard_cli.shard.plan import even_bounds
 from moeshard_cli.run.inputs import read_windows, tokenize
+from moeshard_cli.run.outputs import Position
 from moeshard_cli.run.schedule import plan_window
-
-
-@dataclass
-class Position:
-    """Where a run (re)starts: the first line of a window, its byte offset and global token offset,
-    and how many of its steps are already written."""
-
-    line: int = 0
-    byte: int = 0
-    token: int = 0
-    step: int = 0
 
 
 @dataclass

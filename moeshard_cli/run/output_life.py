@@ -26,7 +26,7 @@ from pathlib import Path
 from moeshard_cli.errors import Interrupted, UserError
 from moeshard_cli.files import special_kind
 from moeshard_cli.run import outputs
-from moeshard_cli.run.feed import Position
+from moeshard_cli.run.outputs import Position
 from moeshard_cli.run.outputs import OutputLayout, partial_path
 
 RECENT_STEPS = 8  # the steps checked on every resume: the last ones written, the likeliest to be torn

@@ -33,9 +33,8 @@ import numpy as np
 
 from moeshard_cli.errors import UserError
 from moeshard_cli.files import check_writable, publish, write_atomic
-from moeshard_cli.run.feed import Position
+from moeshard_cli.run.formats import FORMATS, OutputFormat, output_format  # noqa: F401 (the registry, re-exported)
 
-FORMATS = {".safetensors": "safetensors", ".npy": "npy", ".csv": "csv"}
 ROW_DTYPE = np.dtype("<f4")
 SCORE_COLUMNS = ("line", "tokens", "logprob", "mean_nll")
 SCORE_HEADER = (",".join(SCORE_COLUMNS) + "\n").encode()
@@ -51,16 +50,15 @@ _sync_data = getattr(os, "fdatasync", os.fsync)  # the rows must be on disk befo
 _MAX_TOKENS_DIGITS = 10**15  # sizes the reserved header of --pooling none before the token count is known
 
 
-def output_format(path: Path, pooling: str) -> str:
-    """The format the file name asks for; ValueError if there is none or it cannot hold `pooling`."""
-    fmt = FORMATS.get(path.suffix)
-    if fmt is None:
-        raise ValueError(f"{path} has no known suffix")
-    if (fmt == "csv") != (pooling == "score"):
-        raise ValueError(f"{path} is a {path.suffix} file: scores go to .csv, embeddings to .safetensors or .npy")
-    if fmt == "npy" and pooling == "none":
-        raise ValueError(f"{path} is a .npy file, which cannot hold --pooling {pooling} (lines of different lengths)")
-    return fmt
+@dataclass
+class Position:
+    """Where a run (re)starts: the first line of a window, its byte offset and global token offset,
+    and how many of its steps are already written."""
+
+    line: int = 0
+    byte: int = 0
+    token: int = 0
+    step: int = 0
 
 
 def partial_path(output: Path) -> Path:

@@ -26,14 +26,15 @@ from moeshard_cli.model import sharded_model
 from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.layer import token_ids_for
 from moeshard_cli.moe.timing import SectionTimer
-from moeshard_cli.run.feed import PlannedWindow, Position, WindowFeed
+from moeshard_cli.run.feed import PlannedWindow, WindowFeed
+from moeshard_cli.run.outputs import Position
 from moeshard_cli.run.job import RunJob
 from moeshard_cli.run.outputs import RowWriter
 from moeshard_cli.run.schedule import spread, step_tokens
 
 
 def encode(job: RunJob):
-    with worker_process_group(job.device, job.timeout) as (rank, world, device):
+    with worker_process_group(job.options.device, job.options.timeout) as (rank, world, device):
         return _Encoder(job, rank, world, device).run()
 
 
@@ -61,12 +62,13 @@ class _Encoder:
     def run(self) -> dict | None:
         job, rank, world = self.job, self.rank, self.world
         side = dist.new_group(backend="gloo", timeout=_timeout(job)) if world > 1 else None
-        feed = WindowFeed(Path(job.input), _tokenizer(job.shards), job.max_length, job.window, job.batch_size,
+        opts = job.options
+        feed = WindowFeed(Path(job.input), _tokenizer(job.shards), opts.max_length, opts.window, opts.batch_size,
                           self.start, rank, world, side)
         try:
             timer = SectionTimer(self.device)
-            self.sharded = sharded_model(read_shard_set(Path(job.shards)), rank, self.device, job.backend, job.router,
-                                         Collectives(timer=timer), timer, job.attention)
+            self.sharded = sharded_model(read_shard_set(Path(job.shards)), rank, self.device, opts.expert_backend, opts.router_spec,
+                                         Collectives(timer=timer), timer, opts.attention)
             writer = RowWriter(job.layout, Path(job.journal)) if rank == 0 else None
             try:
                 stats = self._loop(feed, writer, timer)
@@ -82,7 +84,7 @@ class _Encoder:
         job, rank = self.job, self.rank
         forward_s, spreads = array("f"), array("f")
         stats = {"tokens": 0, "padded": 0, "session_tokens": 0, "session_lines": 0, "truncated": 0, "token_end": self.start.token}
-        progress = _Progress(job.lines, self.lines_done) if job.show_progress and rank == 0 else None
+        progress = _Progress(job.lines, self.lines_done) if job.options.show_progress and rank == 0 else None
         started = time.perf_counter()
         try:
             for pw in feed:
@@ -91,7 +93,7 @@ class _Encoder:
                 stats["truncated"] += pw.truncated
                 stats["token_end"] = pw.token_base + pw.tokens
                 if writer is not None and first == 0:
-                    writer.window(_window_record(pw), _line_offsets(pw) if job.pooling == "none" else None)
+                    writer.window(_window_record(pw), _line_offsets(pw) if job.options.pooling == "none" else None)
                 prefix = np.concatenate([[0], np.cumsum(pw.lengths)]).astype(np.int64)
                 for s in range(first, len(pw.steps)):
                     if s >= len(pw.steps) // 4:
@@ -101,7 +103,7 @@ class _Encoder:
                     t0 = time.perf_counter()
                     rows = self._encode(pw, step[rank], stats)
                     forward_s.append(time.perf_counter() - t0)
-                    gathered = self._gather(rows, tokens_G if job.pooling == "none" else [len(b) for b in step])
+                    gathered = self._gather(rows, tokens_G if job.options.pooling == "none" else [len(b) for b in step])
                     if writer is not None:
                         writer.rows({"window": pw.index, "step": s, "lines": sum(len(b) for b in step)},
                                     self._places(pw, step, prefix, gathered))
@@ -137,7 +139,7 @@ class _Encoder:
         ids, mask, gid = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), gid.to(device, non_blocking=True)
         self.sharded.ctx.set_batch(mask, gid)
         hidden_BSD = self.sharded.hidden_states(ids, mask)
-        pooling, lengths = self.job.pooling, lengths.to(device)
+        pooling, lengths = self.job.options.pooling, lengths.to(device)
         if pooling == "score":
             return score_lines(self.sharded.model.lm_head, hidden_BSD[: len(mine)], ids[: len(mine)], lengths)
         if pooling == "none":
@@ -148,7 +150,7 @@ class _Encoder:
         else:
             weights_BS1 = mask[:, :, None].float()
             rows_ND = ((hidden_BSD.float() * weights_BS1).sum(1) / weights_BS1.sum(1).clamp_min(1.0))[: len(mine)]
-        return F.normalize(rows_ND, dim=-1) if self.job.normalize else rows_ND
+        return F.normalize(rows_ND, dim=-1) if self.job.options.normalize else rows_ND
 
     def _gather(self, rows_ND: torch.Tensor, sizes_G: list[int]) -> np.ndarray | None:
         """Every rank's rows on rank 0, in rank order, with one device-to-host copy."""
@@ -170,7 +172,7 @@ class _Encoder:
         for batch in step:
             for i in batch:
                 line = pw.first_line + i
-                if self.job.pooling != "none":
+                if self.job.options.pooling != "none":
                     places.append((layout.embedding_at(line), layout.encode(line, rows[at:at + 1])))
                     at += 1
                 else:
@@ -241,7 +243,7 @@ def _tokenizer(shards: str):
 def _timeout(job: RunJob):
     from datetime import timedelta
 
-    return timedelta(seconds=job.timeout)
+    return timedelta(seconds=job.options.timeout)
 
 
 class _Progress:
