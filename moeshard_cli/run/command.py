@@ -7,9 +7,11 @@ journal -> elastic launch of run/worker.py with a small job -> node 0: header, r
 
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -20,8 +22,8 @@ from moeshard_cli.declare import output_options
 from moeshard_cli.shard.manifest import MANIFEST, ShardSet, check_files, read_shard_set
 from moeshard_cli.run import outputs
 from moeshard_cli.run.outputs import Position
-from moeshard_cli.run.inputs import InputInfo, scan_input
-from moeshard_cli.run.output_life import OutputLife, RunIdentity
+from moeshard_cli.run.inputs import InputInfo, input_spec, record_ids, scan_input, spool_stdin
+from moeshard_cli.run.output_life import AlreadyComplete, OutputLife, RunIdentity
 from moeshard_cli.run.formats import output_format
 from moeshard_cli.run.job import RunJob, worker_main
 from moeshard_cli.run.options import RunOptions
@@ -40,6 +42,7 @@ class RunSummary:
     seconds: float
     resumed_at: int = 0  # lines already written by an earlier, interrupted run
     metadata: dict = field(default_factory=dict)
+    already_complete: bool = False  # --resume found the output finished by this same run
 
     def figures(self) -> dict:
         """The numbers of the results table, for people (report.py) and machines (--json)."""
@@ -66,7 +69,7 @@ class RunSummary:
             "layers": [{"layer": l["layer"], "max_tokens_per_expert": max(l["tokens_E"]),
                         "mean_tokens_per_expert": sum(l["tokens_E"]) / len(l["tokens_E"]), "tokens_per_worker": l["tokens_G"]}
                        for l in res["layers"]],
-            "metadata": self.metadata,
+            "metadata": {k: v for k, v in self.metadata.items() if k != "legacy"},
         }
 
 
@@ -85,21 +88,41 @@ def run(opts: RunOptions) -> RunSummary:
     check_files(shards, verify=opts.verify, ranks=list(range(opts.node_rank * local, (opts.node_rank + 1) * local)))
     device = pick_device(opts.device, local)
     _check_backend(opts.expert_backend, device, shards)
-    info = scan_input(opts.input)
-    # the options as the workers use them: the family's pooling, whole steps per window, the device picked
-    resolved = replace(opts, pooling=opts.mode, window=round_window(opts.window, opts.batch_size, world), device=device)
-    fingerprint = _fingerprint(resolved, info, shards, fmt.name)
-    digest = outputs.fingerprint_digest(fingerprint)
-    metadata = _metadata(resolved, info, shards, digest)
+    with _input(opts, output) as spec:
+        info = scan_input(spec)
+        _warn_about_input(info)
+        # the options as the workers use them: the family's pooling, whole steps per window, the device picked
+        resolved = replace(opts, pooling=opts.mode, window=round_window(opts.window, opts.batch_size, world), device=device)
+        fingerprint = _fingerprint(resolved, info, shards, fmt.name)
+        digest = outputs.fingerprint_digest(fingerprint)
+        metadata = _metadata(resolved, info, shards, digest, output, fmt.name)
+        try:
+            result, start = _encode(opts, resolved, info, shards, fmt.name, fingerprint, digest, metadata, world)
+        except AlreadyComplete as done:
+            print(f"{done.output} is already complete (same input, shard set and options): nothing to resume", file=sys.stderr, flush=True)
+            return RunSummary(shards_dir, output, world, device, info.lines, 0, None, time.perf_counter() - start_time,
+                              metadata=metadata, already_complete=True)
+    truncated = (start.truncated_before if start else 0) + (result["truncated"] if result else 0)
+    if result and result["truncated"]:
+        _warn(f"{result['truncated']:,} lines were longer than --max-length {opts.max_length} tokens and were cut "
+              f"({_first(result['truncated_lines'], result['truncated'])})")
+    return RunSummary(shards_dir, output, world, device, info.lines, truncated, result, time.perf_counter() - start_time,
+                      resumed_at=start.lines_done if start else 0, metadata=metadata)
 
-    life = OutputLife(output, resume=opts.resume, restart=opts.restart, verify_all=opts.verify_partial) if writer_node else None
+
+def _encode(opts: RunOptions, resolved: RunOptions, info: InputInfo, shards: ShardSet, fmt: str, fingerprint: dict, digest: str,
+            metadata: dict, world: int):
+    """Node 0 lays out (or resumes) the output; every node launches its workers; node 0 finalizes."""
+    output = opts.output_path
+    life = OutputLife(output, resume=opts.resume, restart=opts.restart, verify_all=opts.verify_partial, force=opts.force) \
+        if opts.node_rank == 0 else None
     with life or nullcontext():
         start = None
         if life:  # node 0 writes: its output begins fresh or where the unfinished run stopped
-            life.claim(info.lines)
+            life.claim(info.lines, digest)
             start = life.start(RunIdentity(digest, fingerprint, list(opts.argv)),
-                               outputs.plan_layout(output, fmt.name, opts.mode, info.lines, 3 if opts.score else shards.dims.d_model, metadata))
-        job = RunJob(options=resolved, shards=str(shards_dir), input=str(opts.input), lines=info.lines, fingerprint=digest,
+                               outputs.plan_layout(output, fmt, opts.mode, info.lines, 3 if opts.score else shards.dims.d_model, metadata))
+        job = RunJob(options=resolved, shards=str(shards.root), input=info.spec, lines=info.lines, fingerprint=digest,
                      start=start.position if start else Position(), lines_done=start.lines_done if start else 0,
                      layout=start.layout if start else None, journal=str(start.journal) if start else None)
         if opts.nnodes > 1:
@@ -111,10 +134,44 @@ def run(opts: RunOptions) -> RunSummary:
             raise life.stop(exc, info.lines) if life else exc
         result = returned.get(0)
         if life:
-            life.finish(result["token_end"])
-    truncated = (start.truncated_before if start else 0) + (result["truncated"] if result else 0)
-    return RunSummary(shards_dir, output, world, device, info.lines, truncated, result, time.perf_counter() - start_time,
-                      resumed_at=start.lines_done if start else 0, metadata=metadata)
+            life.finish(result["token_end"], record_ids(info.spec))
+    return result, start
+
+
+@contextmanager
+def _input(opts: RunOptions, output: Path):
+    """The input as workers read it: the file, or standard input spooled next to the output
+    (removed at the end; a run that read standard input cannot be resumed)."""
+    if not opts.reads_stdin:
+        yield input_spec(opts.input, opts.input_format, opts.text_field, opts.id_field)
+        return
+    spool = output.with_name(f".{output.name}.stdin-{os.getpid()}")
+    try:
+        _, compression = spool_stdin(spool)
+        yield input_spec(spool, opts.input_format or "txt", opts.text_field, opts.id_field, compression=compression, shown="-")
+    finally:
+        spool.unlink(missing_ok=True)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _first(numbers, count: int) -> str:
+    shown = ", ".join(map(str, numbers))
+    return f"line {shown}" if count == 1 else f"lines {shown}" + (", ..." if count > len(numbers) else "")
+
+
+def _warn_about_input(info: InputInfo) -> None:
+    """What the data holds that the user may not expect, said before the work starts."""
+    if info.empty.count:
+        _warn(f"{info.empty.count:,} empty {'record' if info.spec.format != 'txt' else 'line'}s, each encoded as the tokenizer's "
+              f"empty input ({_first(info.empty.first, info.empty.count)}); their rows are kept so row i stays record i")
+    if info.blank.count:
+        _warn(f"{info.blank.count:,} whitespace-only {'record' if info.spec.format != 'txt' else 'line'}s, encoded as they are "
+              f"({_first(info.blank.first, info.blank.count)})")
+    if info.bom:
+        _warn(f"{info.spec.name} starts with a UTF-8 byte order mark; it is dropped, not encoded into the first line")
 
 
 def _fingerprint(resolved: RunOptions, info: InputInfo, shards: ShardSet, fmt: str) -> dict:
@@ -127,15 +184,32 @@ def _fingerprint(resolved: RunOptions, info: InputInfo, shards: ShardSet, fmt: s
     }
 
 
-def _metadata(resolved: RunOptions, info: InputInfo, shards: ShardSet, digest: str) -> dict[str, str]:
-    source = shards.data["source"]
-    return {
-        "format": "pt", "source": shards.source_label, "source_kind": str(source.get("kind")),
-        "source_revision": str(source.get("revision")), "shards": str(shards.root), "world_size": str(shards.world_size),
-        "dtype": shards.dtype, "family": shards.family.name, "pooling": resolved.mode, "normalize": str(resolved.normalize).lower(),
-        "router": resolved.router, "max_length": str(resolved.max_length), "attention": resolved.attention, "input": str(info.path),
-        "input_sha256": info.sha256, "lines": str(info.lines), "moeshard_version": __version__, "run_fingerprint": digest,
+def _metadata(resolved: RunOptions, info: InputInfo, shards: ShardSet, digest: str, output: Path, fmt: str) -> dict:
+    """What the output records about how it was made: typed JSON, absolute paths."""
+    source, spec = shards.data["source"], info.spec
+    record = {
+        "moeshard_version": __version__,
+        "run_fingerprint": digest,
+        "input": {"path": "-" if spec.shown == "-" else str(Path(spec.path).resolve()), "format": spec.format,
+                  "compression": spec.compression, "text_field": spec.text_field, "id_field": spec.id_field,
+                  "sha256": info.sha256, "bytes": info.bytes, "records": info.lines},
+        "model": {"source": shards.source_label, "source_kind": source.get("kind"), "source_revision": source.get("revision"),
+                  "family": shards.family.name, "dtype": shards.dtype},
+        "shards": {"path": str(shards.root.resolve()), "world_size": shards.world_size,
+                   "manifest_sha256": _sha256(shards.root / MANIFEST)},
+        "options": output_options(resolved),
+        "output": {"path": str(output.resolve()), "format": fmt, "rows": info.lines,
+                   "row": "score" if resolved.score else resolved.pooling},
     }
+    # the flat string keys of earlier versions, for readers of safetensors' metadata
+    record["legacy"] = {
+        "format": "pt", "source": shards.source_label, "source_kind": source.get("kind"), "source_revision": source.get("revision"),
+        "shards": str(shards.root.resolve()), "world_size": shards.world_size, "dtype": shards.dtype, "family": shards.family.name,
+        "pooling": resolved.mode, "normalize": resolved.normalize, "router": resolved.router, "max_length": resolved.max_length,
+        "attention": resolved.attention, "input": record["input"]["path"], "input_sha256": info.sha256, "lines": info.lines,
+        "moeshard_version": __version__, "run_fingerprint": digest,
+    }
+    return record
 
 
 def _sha256(path: Path) -> str:

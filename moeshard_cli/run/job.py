@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from moeshard_cli.run.inputs import InputSpec
 from moeshard_cli.run.options import RunOptions
 from moeshard_cli.run.outputs import OutputLayout, Position
 
@@ -16,7 +17,7 @@ class RunJob:
 
     options: RunOptions  # as resolved by the parent: the family's pooling, the window in whole steps, the device picked
     shards: str
-    input: str
+    input: InputSpec
     lines: int
     fingerprint: str
     start: Position

@@ -28,6 +28,7 @@ from moeshard_cli.moe.layer import token_ids_for
 from moeshard_cli.moe.timing import SectionTimer
 from moeshard_cli.run.feed import PlannedWindow, WindowFeed
 from moeshard_cli.run.outputs import Position
+from moeshard_cli.run.inputs import SHOWN
 from moeshard_cli.run.job import RunJob
 from moeshard_cli.run.outputs import RowWriter
 from moeshard_cli.run.schedule import spread, step_tokens
@@ -63,7 +64,7 @@ class _Encoder:
         job, rank, world = self.job, self.rank, self.world
         side = dist.new_group(backend="gloo", timeout=_timeout(job)) if world > 1 else None
         opts = job.options
-        feed = WindowFeed(Path(job.input), _tokenizer(job.shards), opts.max_length, opts.window, opts.batch_size,
+        feed = WindowFeed(job.input, _tokenizer(job.shards), opts.max_length, opts.window, opts.batch_size,
                           self.start, rank, world, side)
         try:
             timer = SectionTimer(self.device)
@@ -83,7 +84,8 @@ class _Encoder:
     def _loop(self, feed: WindowFeed, writer: RowWriter | None, timer) -> dict:
         job, rank = self.job, self.rank
         forward_s, spreads = array("f"), array("f")
-        stats = {"tokens": 0, "padded": 0, "session_tokens": 0, "session_lines": 0, "truncated": 0, "token_end": self.start.token}
+        stats = {"tokens": 0, "padded": 0, "session_tokens": 0, "session_lines": 0, "truncated": 0, "truncated_lines": [],
+                 "token_end": self.start.token}
         progress = _Progress(job.lines, self.lines_done) if job.options.show_progress and rank == 0 else None
         started = time.perf_counter()
         try:
@@ -91,6 +93,8 @@ class _Encoder:
                 release_free_memory()  # once a window: what the last one freed must not pile up
                 first = self.start.step if pw.first_line == self.start.line else 0
                 stats["truncated"] += pw.truncated
+                shown = stats["truncated_lines"]  # the first few, counted from 1, for the warning
+                shown += [pw.first_line + i + 1 for i in sorted(pw.truncated_at)][:SHOWN - len(shown)]
                 stats["token_end"] = pw.token_base + pw.tokens
                 if writer is not None and first == 0:
                     writer.window(_window_record(pw), _line_offsets(pw) if job.options.pooling == "none" else None)
@@ -195,7 +199,7 @@ class _Encoder:
                  for i, m in sorted(mlps.items()) if m.load.tokens_E is not None]
         return {"ranks": gathered, "layers": loads, "backend": backend, "loop_s": stats["loop_s"],
                 "session_tokens": stats["session_tokens"], "session_lines": stats["session_lines"],
-                "truncated": stats["truncated"], "token_end": stats["token_end"], "spreads": list(stats["spreads"])}
+                "truncated": stats["truncated"], "truncated_lines": stats["truncated_lines"], "token_end": stats["token_end"], "spreads": list(stats["spreads"])}
 
 
 LOGITS_BYTES = 1 << 28  # the LM head's logits are computed in chunks of at most this many bytes
