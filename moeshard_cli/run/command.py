@@ -90,7 +90,6 @@ def run(opts: RunOptions) -> RunSummary:
     _check_backend(opts.expert_backend, device, shards)
     with _input(opts, output) as spec:
         info = scan_input(spec)
-        _warn_about_input(info)
         # the options as the workers use them: the family's pooling, whole steps per window, the device picked
         resolved = replace(opts, pooling=opts.mode, window=round_window(opts.window, opts.batch_size, world), device=device)
         fingerprint = _fingerprint(resolved, info, shards, fmt.name)
@@ -104,7 +103,7 @@ def run(opts: RunOptions) -> RunSummary:
                               metadata=metadata, already_complete=True)
     truncated = (start.truncated_before if start else 0) + (result["truncated"] if result else 0)
     if result and result["truncated"]:
-        _warn(f"{result['truncated']:,} lines were longer than --max-length {opts.max_length} tokens and were cut "
+        _warn(f"{_count(result['truncated'], 'line')} longer than --max-length {opts.max_length} tokens, cut to it "
               f"({_first(result['truncated_lines'], result['truncated'])})")
     return RunSummary(shards_dir, output, world, device, info.lines, truncated, result, time.perf_counter() - start_time,
                       resumed_at=start.lines_done if start else 0, metadata=metadata)
@@ -122,6 +121,7 @@ def _encode(opts: RunOptions, resolved: RunOptions, info: InputInfo, shards: Sha
             life.claim(info.lines, digest)
             start = life.start(RunIdentity(digest, fingerprint, list(opts.argv)),
                                outputs.plan_layout(output, fmt, opts.mode, info.lines, 3 if opts.score else shards.dims.d_model, metadata))
+        _warn_about_input(info)  # once the run is sure to go ahead
         job = RunJob(options=resolved, shards=str(shards.root), input=info.spec, lines=info.lines, fingerprint=digest,
                      start=start.position if start else Position(), lines_done=start.lines_done if start else 0,
                      layout=start.layout if start else None, journal=str(start.journal) if start else None)
@@ -157,19 +157,24 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _first(numbers, count: int) -> str:
+def _count(n: int, what: str) -> str:
+    return f"{n:,} {what}" + ("" if n == 1 else "s")
+
+
+def _first(numbers, count: int, what: str = "line") -> str:
+    """The first few line (or record) numbers, counted from 1 as editors count."""
     shown = ", ".join(map(str, numbers))
-    return f"line {shown}" if count == 1 else f"lines {shown}" + (", ..." if count > len(numbers) else "")
+    return f"{what} {shown}" if count == 1 else f"{what}s {shown}" + (", ..." if count > len(numbers) else "")
 
 
 def _warn_about_input(info: InputInfo) -> None:
     """What the data holds that the user may not expect, said before the work starts."""
+    what = "line" if info.spec.format in ("txt", "jsonl") else "record"
     if info.empty.count:
-        _warn(f"{info.empty.count:,} empty {'record' if info.spec.format != 'txt' else 'line'}s, each encoded as the tokenizer's "
-              f"empty input ({_first(info.empty.first, info.empty.count)}); their rows are kept so row i stays record i")
+        _warn(f"{_count(info.empty.count, f'empty {what}')} ({_first(info.empty.first, info.empty.count, what)}), encoded as the "
+              f"tokenizer's empty input: the output keeps one row per {what}")
     if info.blank.count:
-        _warn(f"{info.blank.count:,} whitespace-only {'record' if info.spec.format != 'txt' else 'line'}s, encoded as they are "
-              f"({_first(info.blank.first, info.blank.count)})")
+        _warn(f"{_count(info.blank.count, f'whitespace-only {what}')} ({_first(info.blank.first, info.blank.count, what)}), encoded as they are")
     if info.bom:
         _warn(f"{info.spec.name} starts with a UTF-8 byte order mark; it is dropped, not encoded into the first line")
 
