@@ -134,7 +134,7 @@ def _encode(opts: RunOptions, resolved: RunOptions, info: InputInfo, shards: Sha
             raise life.stop(exc, info.lines) if life else exc
         result = returned.get(0)
         if life:
-            life.finish(result["token_end"], record_ids(info.spec))
+            life.finish(result["token_end"], record_ids(info.spec, info.lines))
     return result, start
 
 

@@ -163,10 +163,10 @@ def records(spec: InputSpec, first: int = 0, byte_start: int = 0) -> Iterator[tu
         yield from _line_records(spec, first, byte_start)
 
 
-def record_ids(spec: InputSpec) -> Iterator:
-    """Each record's id, in order: its --id-field value, or its number from 0."""
+def record_ids(spec: InputSpec, count: int) -> Iterator:
+    """The ids of the `count` records, in order: each one's --id-field value, or its number from 0."""
     if spec.id_field is None:
-        return itertools.count()
+        return iter(range(count))
     if spec.format == "parquet":
         return (i for _, i in _parquet_rows(spec, 0))
     if spec.format in ("csv", "tsv"):
@@ -274,7 +274,7 @@ def _table_rows(spec: InputSpec) -> Iterator[tuple[str, object]]:
     csv.field_size_limit(2**31 - 1)  # a document may be longer than csv's 128 KiB default
     with _open(spec) as f:
         text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
-        reader = csv.reader(text, delimiter="\t" if spec.format == "tsv" else ",")
+        reader = csv.reader(text, delimiter="\t" if spec.format == "tsv" else ",", strict=True)
         try:
             header = next(reader, None)
             if header is None:
