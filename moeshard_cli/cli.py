@@ -26,6 +26,7 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # click's plain help: no boxes in pipes and docs, no `<bool>` after a flag
+    context_settings={"max_content_width": 120},  # as wide as the terminal, up to 120 columns (click stops at 80)
 )
 PIPED_WIDTH = 240
 

@@ -132,7 +132,8 @@ def test_completion_offers_the_choices_and_the_built_in_models():
 @pytest.fixture(scope="module")
 def w2(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "w2"
-    assert invoke(["shard", "tiny-switch", "--gpus", 2, "--out", out])[0] == 0
+    code, stdout, _ = invoke(["shard", "tiny-switch", "--gpus", 2, "--out", out])
+    assert code == 0 and stdout.startswith(f"shard set {out}")  # no empty line first (its progress bar, off a terminal)
     (out.parent / "in.txt").write_text("one line\nanother\n")
     return out
 
@@ -178,6 +179,15 @@ def test_bad_bench_values_are_one_line(extra, message):
     code, out, err = invoke(["bench", *extra])
     assert code == 2 and one_line(err).startswith(f"error: {message}")
     assert "estimated time" not in out  # refused before anything started
+
+
+def test_a_parquet_output_without_pyarrow_is_refused_before_any_work(w2, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else find_spec(name, *a))
+    code, _, err = invoke(["run", "--shards", w2, "--input", w2.parent / "in.txt", "--output", w2.parent / "o.parquet"])
+    assert code == 2 and one_line(err) == f"error: --output {w2.parent / 'o.parquet'} is a parquet file and pyarrow is not installed: pip install 'moeshard[parquet]'"
 
 
 def test_input_that_is_a_directory(w2):

@@ -7,6 +7,7 @@ and its --help import this module.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -106,9 +107,12 @@ class RunOptions:
             json_file = None if self.json_path == STDIN else self.json_path
             outputs.guard_user_files({"--output": self.output_path, "--json": json_file}, self.input, self.shards_dir)
         try:
-            output_format(self.output_path, self.mode)
+            fmt = output_format(self.output_path, self.mode)
         except ValueError as exc:
             raise UserError(f"--output {exc}", suffix_fix(self.mode)) from None
+        # extras last, once every value is known to be right
+        if fmt.name == "parquet" and self.node_rank == 0 and importlib.util.find_spec("pyarrow") is None:
+            raise UserError(f"--output {self.output_path} is a parquet file and pyarrow is not installed", "pip install 'moeshard[parquet]'")
 
     @property
     def reads_stdin(self) -> bool:
