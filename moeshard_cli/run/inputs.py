@@ -320,22 +320,20 @@ def _parquet_rows(spec: InputSpec, first: int) -> Iterator[tuple[str, object]]:
         if name not in names:
             raise UserError(f"{spec.name} has no column {name!r} (it has: {', '.join(names[:8])})",
                             "name the text's column with --column" if name == spec.text_field else "name the id's column with --id-column")
-    groups, start = [], 0
+    groups, start, skip = [], 0, first  # the row groups from the one holding row `first`, and the rows to skip in it
     for g in range(pf.num_row_groups):
         rows = pf.metadata.row_group(g).num_rows
         if start + rows > first:
             groups.append(g)
-        elif not groups:
-            first -= rows
+        else:
+            skip -= rows
         start += rows
     if not groups:
         return
-    skip, number = first, 0
     for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns, row_groups=groups):
         texts = batch.column(0).to_pylist()
         ids = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
         for text, id_ in itertools.islice(zip(texts, ids), skip, None):
-            number += 1
             if not isinstance(text, str):
                 raise UserError(f"{spec.name}: column {spec.text_field!r} holds {text!r} in a row, not a string",
                                 "give every row a text, or drop the rows without one")
