@@ -18,7 +18,8 @@ from typing import Iterable
 import numpy as np
 
 from moeshard_cli.errors import UserError
-from moeshard_cli.run.command import RunOptions, run
+from moeshard_cli.run.command import run
+from moeshard_cli.run.options import RunOptions
 from moeshard_cli.shard.cache import model_shard_set, settle_shards
 from moeshard_cli.shard.manifest import read_shard_set
 
@@ -31,10 +32,10 @@ def encode(texts: Iterable[str], model: str | Path, *, gpus: int | None = None, 
     """Embeddings of `texts` (a list, or any iterable of strings), one float32 row per text in input
     order: `[len(texts), d_model]`. pooling: "mean" (encoders' default), "last" (decoders'), or
     "none": a list of `[tokens, d_model]` arrays, one per text. `options`: any other `moeshard run`
-    option by its RunOptions name (window, attention, backend, router, skew, hot_experts, seed, timeout)."""
-    opts = _options(batch_size=batch_size, max_length=max_length, pooling=pooling, normalize=normalize, device=device,
-                    show_progress=progress, **options)
-    return _rows(texts, opts, lambda: settle_shards(opts, str(model), gpus, dtype, revision))
+    option by its RunOptions name (window, attention, expert_backend, router, skew, hot_experts, seed, timeout)."""
+    opts = _options(model=str(model), gpus=gpus, dtype=dtype, revision=revision, batch_size=batch_size, max_length=max_length,
+                    pooling=pooling, normalize=normalize, device=device, show_progress=progress, **options)
+    return _rows(texts, opts, lambda: settle_shards(opts))
 
 
 def score(texts: Iterable[str], model: str | Path, *, gpus: int | None = None, batch_size: int = 32, max_length: int = 512,
@@ -42,8 +43,9 @@ def score(texts: Iterable[str], model: str | Path, *, gpus: int | None = None, b
     """Log-likelihoods of `texts` under a decoder family, in input order: a numpy record array with
     the fields of `run --score`'s CSV: line, tokens, logprob (sum of log p over every token after
     the first) and mean_nll (NaN for a text of fewer than 2 tokens)."""
-    opts = _options(batch_size=batch_size, max_length=max_length, score=True, device=device, show_progress=progress, **options)
-    return _rows(texts, opts, lambda: settle_shards(opts, str(model), gpus, dtype, revision))
+    opts = _options(model=str(model), gpus=gpus, dtype=dtype, revision=revision, batch_size=batch_size, max_length=max_length,
+                    score=True, device=device, show_progress=progress, **options)
+    return _rows(texts, opts, lambda: settle_shards(opts))
 
 
 def shard(source: str | Path, gpus: int, out: str | Path | None = None, dtype: str = "float32", revision: str | None = None,
@@ -66,7 +68,7 @@ class Pool:
 
         self.shards = model_shard_set(str(model), gpus, dtype, revision)
         self._dtype, self._revision = dtype, revision
-        self._defaults = {"backend": expert_backend, "attention": attention, "timeout": timeout, "debug": debug}
+        self._defaults = {"expert_backend": expert_backend, "attention": attention, "timeout": timeout, "debug": debug}
         self._workers = WorkerPool(self.shards, device, expert_backend, attention, timeout, debug=debug)
 
     @property
@@ -95,7 +97,8 @@ class Pool:
         if model is None:
             opts.shards = self.shards
         else:
-            settle_shards(opts, str(model), self.world, self._dtype, self._revision)
+            opts.model, opts.gpus, opts.dtype, opts.revision = str(model), self.world, self._dtype, self._revision
+            settle_shards(opts)
 
     def close(self) -> None:
         self._workers.close()

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moeshard_cli.choices import DEVICES
 from moeshard_cli.errors import Interrupted, UserError
 
 MAX_CPU_WORKERS_PER_CORE = 4
@@ -63,7 +64,6 @@ def resolve_host(host: str) -> str:
                         "check the name, or give node 0's IP address, e.g. --rdzv-endpoint 10.0.0.5:29400") from None
 
 
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def check_device(requested: str) -> None:

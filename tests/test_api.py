@@ -62,7 +62,7 @@ def one_step(place, cache, corpus):
         code, out, err = invoke([*ONE_STEP, "--input", corpus, "--output", output])
         assert code == 0, err
         sets = sorted(p for p in cache.iterdir())
-        runs.append({"out": out, "rows": np.load(output), "sets": sets,
+        runs.append({"err": err, "rows": np.load(output), "sets": sets,
                      "stamp": [(p / MANIFEST).stat().st_mtime_ns for p in sets]})
     return runs
 
@@ -94,8 +94,8 @@ def pool(one_step):
 
 def test_one_step_run_cuts_once_then_reuses_the_cache(one_step):
     first, second = one_step
-    assert "cut tiny-switch for 2 workers (float32) into" in first["out"] and "first use" in first["out"]
-    assert "cut " not in second["out"]
+    assert "cut tiny-switch for 2 workers (float32) into" in first["err"] and "first use" in first["err"]
+    assert "cut " not in second["err"]
     assert len(first["sets"]) == 1 and first["sets"][0].name.startswith("tiny-switch-w2-float32-")
     assert second["sets"] == first["sets"] and second["stamp"] == first["stamp"]  # not re-cut, not rewritten
     assert not [p for p in first["sets"][0].parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
@@ -266,7 +266,7 @@ def test_model_and_gpus_flags_are_checked_before_any_work(tmp_path, monkeypatch)
     for extra, needle in ((["--model", "tiny-switch", "--shards", w2], "--model and --shards exclude each other"),
                           (["--shards", w2, "--gpus", 3], f"--shards {w2} is cut for 2 workers, not --gpus 3"),
                           (["--model", "tiny-switch", "--gpus", 0], "--gpus"),
-                          (["--model", "tiny-switch", "--gpus", 2, "--dtype", "fp16"], "--dtype fp16"),
+                          (["--model", "tiny-switch", "--gpus", 2, "--dtype", "fp16"], "'--dtype'"),
                           (["--model", "tiny-switch", "--gpus", 2, "--batch-size", 0], "--batch-size")):
         code, _, err = invoke(["run", "--input", corpus, *extra])
         assert code == 2 and needle in err and "Traceback" not in err, err

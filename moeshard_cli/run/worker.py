@@ -27,7 +27,9 @@ from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.layer import token_ids_for
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.moe.timing import SectionTimer
-from moeshard_cli.run.feed import PlannedWindow, Position, WindowFeed
+from moeshard_cli.run.feed import PlannedWindow, WindowFeed
+from moeshard_cli.run.outputs import Position
+from moeshard_cli.run.inputs import SHOWN
 from moeshard_cli.run.job import RunJob
 from moeshard_cli.run.outputs import RowWriter
 from moeshard_cli.run.schedule import spread, step_tokens
@@ -35,8 +37,8 @@ from moeshard_cli.run.schedule import spread, step_tokens
 
 def encode(job: RunJob):
     """`moeshard run`'s worker: one job in a process group of its own."""
-    with worker_process_group(job.device, job.timeout) as (rank, world, device):
-        return EncodeSession(rank, world, device, job.timeout).encode(job)
+    with worker_process_group(job.options.device, job.options.timeout) as (rank, world, device):
+        return EncodeSession(rank, world, device, job.options.timeout).encode(job)
 
 
 class EncodeSession:
@@ -92,10 +94,11 @@ class _Encoder:
 
     def run(self) -> dict | None:
         job, rank, world, session = self.job, self.rank, self.world, self.session
-        feed = WindowFeed(Path(job.input), _tokenizer(job.shards), job.max_length, job.window, job.batch_size,
+        opts = job.options
+        feed = WindowFeed(job.input, _tokenizer(job.shards), opts.max_length, opts.window, opts.batch_size,
                           self.start, rank, world, session.side)
         try:  # the model loads while the feed tokenizes the first window
-            session.load(job.shards, job.backend, job.attention, job.router)
+            session.load(job.shards, opts.expert_backend, opts.attention, opts.router_spec)
             self.sharded, timer = session.sharded, session.timer
             writer = RowWriter(job.layout, Path(job.journal)) if rank == 0 else None
             try:
@@ -111,17 +114,20 @@ class _Encoder:
     def _loop(self, feed: WindowFeed, writer: RowWriter | None, timer) -> dict:
         job, rank = self.job, self.rank
         forward_s, spreads = array("f"), array("f")
-        stats = {"tokens": 0, "padded": 0, "session_tokens": 0, "session_lines": 0, "truncated": 0, "token_end": self.start.token}
-        progress = _Progress(job.lines, self.lines_done) if job.show_progress and rank == 0 else None
+        stats = {"tokens": 0, "padded": 0, "session_tokens": 0, "session_lines": 0, "truncated": 0, "truncated_lines": [],
+                 "token_end": self.start.token}
+        progress = _Progress(job.lines, self.lines_done) if job.options.show_progress and rank == 0 else None
         started = time.perf_counter()
         try:
             for pw in feed:
                 release_free_memory()  # once a window: what the last one freed must not pile up
                 first = self.start.step if pw.first_line == self.start.line else 0
                 stats["truncated"] += pw.truncated
+                shown = stats["truncated_lines"]  # the first few, counted from 1, for the warning
+                shown += [pw.first_line + i + 1 for i in sorted(pw.truncated_at)][:SHOWN - len(shown)]
                 stats["token_end"] = pw.token_base + pw.tokens
                 if writer is not None and first == 0:
-                    writer.window(_window_record(pw), _line_offsets(pw) if job.pooling == "none" else None)
+                    writer.window(_window_record(pw), _line_offsets(pw) if job.options.pooling == "none" else None)
                 prefix = np.concatenate([[0], np.cumsum(pw.lengths)]).astype(np.int64)
                 for s in range(first, len(pw.steps)):
                     if s >= len(pw.steps) // 4:
@@ -131,7 +137,7 @@ class _Encoder:
                     t0 = time.perf_counter()
                     rows = self._encode(pw, step[rank], stats)
                     forward_s.append(time.perf_counter() - t0)
-                    gathered = self._gather(rows, tokens_G if job.pooling == "none" else [len(b) for b in step])
+                    gathered = self._gather(rows, tokens_G if job.options.pooling == "none" else [len(b) for b in step])
                     if writer is not None:
                         writer.rows({"window": pw.index, "step": s, "lines": sum(len(b) for b in step)},
                                     self._places(pw, step, prefix, gathered))
@@ -167,7 +173,7 @@ class _Encoder:
         ids, mask, gid = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), gid.to(device, non_blocking=True)
         self.sharded.ctx.set_batch(mask, gid)
         hidden_BSD = self.sharded.hidden_states(ids, mask)
-        pooling, lengths = self.job.pooling, lengths.to(device)
+        pooling, lengths = self.job.options.pooling, lengths.to(device)
         if pooling == "score":
             return score_lines(self.sharded.model.lm_head, hidden_BSD[: len(mine)], ids[: len(mine)], lengths)
         if pooling == "none":
@@ -178,7 +184,7 @@ class _Encoder:
         else:
             weights_BS1 = mask[:, :, None].float()
             rows_ND = ((hidden_BSD.float() * weights_BS1).sum(1) / weights_BS1.sum(1).clamp_min(1.0))[: len(mine)]
-        return F.normalize(rows_ND, dim=-1) if self.job.normalize else rows_ND
+        return F.normalize(rows_ND, dim=-1) if self.job.options.normalize else rows_ND
 
     def _gather(self, rows_ND: torch.Tensor, sizes_G: list[int]) -> np.ndarray | None:
         """Every rank's rows on rank 0, in rank order, with one device-to-host copy."""
@@ -200,7 +206,7 @@ class _Encoder:
         for batch in step:
             for i in batch:
                 line = pw.first_line + i
-                if self.job.pooling != "none":
+                if self.job.options.pooling != "none":
                     places.append((layout.embedding_at(line), layout.encode(line, rows[at:at + 1])))
                     at += 1
                 else:
@@ -223,7 +229,7 @@ class _Encoder:
                  for i, m in sorted(mlps.items()) if m.load.tokens_E is not None]
         return {"ranks": gathered, "layers": loads, "backend": backend, "loop_s": stats["loop_s"],
                 "session_tokens": stats["session_tokens"], "session_lines": stats["session_lines"],
-                "truncated": stats["truncated"], "token_end": stats["token_end"], "spreads": list(stats["spreads"])}
+                "truncated": stats["truncated"], "truncated_lines": stats["truncated_lines"], "token_end": stats["token_end"], "spreads": list(stats["spreads"])}
 
 
 LOGITS_BYTES = 1 << 28  # the LM head's logits are computed in chunks of at most this many bytes

@@ -159,10 +159,10 @@ def model_shard_set(model: str, gpus: int | None, dtype: str | None = None, revi
     return shards
 
 
-def settle_shards(opts, model: str | None, gpus: int | None, dtype: str | None = None, revision: str | None = None,
-                  progress=None, on_cut=None, note=None) -> None:
-    """Point `opts` (RunOptions) at its shard set, checking every run option before a first use cuts it."""
-    opts.shards = shard_set_for(model, opts.shards, gpus, dtype, revision, note)
+def settle_shards(opts, progress=None, on_cut=None, note=None) -> None:
+    """Point `opts` (RunOptions) at its shard set (--shards, --model, or the one found), checking every
+    run option before a first use cuts one."""
+    opts.shards = shard_set_for(opts.model, opts.shards, opts.gpus, opts.dtype, opts.revision, note)
     opts.validate()
-    if model is not None:
-        model_shard_set(model, gpus, dtype, revision, progress, on_cut)
+    if opts.model is not None:
+        model_shard_set(opts.model, opts.gpus, opts.dtype, opts.revision, progress, on_cut)
