@@ -155,6 +155,9 @@ def test_score_equals_run_score_rows(pool, place, corpus, cache):
     for name in expected.columns:
         assert np.allclose(got[name], expected[name].to_numpy(), rtol=0, atol=1e-6, equal_nan=True), name
     assert np.isnan(got["mean_nll"][1]) and (got["logprob"][2:] < 0).all()  # "" is one token (</s>): no prediction
+    # and back to the encoder the pool started with: its rows again
+    back = pool.encode(CORPUS, max_length=MAX_LENGTH, batch_size=3)
+    assert np.abs(back - np.load(place / "one-step-1.npy")).max() <= 1e-6
 
 
 
