@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from moeshard_cli import __version__
-from moeshard_cli.choices import Dtype, complete_model
+from moeshard_cli.choices import BUILTIN_MODELS, Dtype, complete_model
 from moeshard_cli.declare import command_options
 from moeshard_cli.run.options import RunOptions
 from moeshard_cli.shard.builtin import DEFAULT_MODEL
@@ -62,7 +62,7 @@ def root(
 
 @app.command()
 def shard(
-    source: str = typer.Argument(DEFAULT_MODEL, autocompletion=complete_model, help="Hub id (google/switch-base-128, Qwen/Qwen3-30B-A3B), local checkpoint directory, shard set, or built-in name (tiny-switch, switch-base-8..256, tiny-qwen3-moe, qwen3-moe-mid, tiny-olmoe, olmoe-mid, tiny-mixtral, mixtral-mid)."),
+    source: str = typer.Argument(DEFAULT_MODEL, autocompletion=complete_model, help=f"Hub id (google/switch-base-128, Qwen/Qwen3-30B-A3B), local checkpoint directory, shard set, or built-in name ({', '.join(BUILTIN_MODELS)})."),
     gpus: int = typer.Option(..., "--gpus", "-n", help="Number of ranks (GPUs or CPU workers) to slice the experts for."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: ./moeshard-shards/<model>-w<gpus>)."),
     dtype: Dtype = typer.Option("float32", "--dtype", help="Data type of the rank files."),

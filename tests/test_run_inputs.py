@@ -97,7 +97,8 @@ BAD = [
     ("in.csv", b"id,body\n1,a\n", {}, "{p} has no column 'text' (it has: id, body): name the text's column with --column"),
     ("in.csv", b"text\n\"open quote\n", {}, "of {p} is not valid CSV"),
     ("in.txt.gz", b"not gzip at all", {}, "cannot read input file {p}"),
-    ("in.txt", b"a\n", {"id_field": "id"}, "--id-field id: a text file has no fields"),
+    ("in.txt", b"a\n", {"id_field": "id"}, "--id-field id: {p} is read as text lines, which have no fields"),
+    ("in.txt", b"a\n", {"text_field": "body"}, "--field body: {p} is read as text lines, which have no fields: drop --field, or pass --input-format"),
 ]
 
 

@@ -47,7 +47,8 @@ def output_format(path: Path, mode: str) -> OutputFormat:
 
 def suffix_fix(mode: str) -> str:
     what = "scores" if mode == "score" else f"--pooling {mode}"
-    return f"end it in {' or '.join(suffixes_for(mode))} for {what}"
+    *others, last = suffixes_for(mode)
+    return f"end it in {', '.join(others) + ' or ' if others else ''}{last} for {what}"
 
 
 def output_help() -> str:

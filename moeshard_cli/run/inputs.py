@@ -344,9 +344,13 @@ def _parquet_rows(spec: InputSpec, first: int) -> Iterator[tuple[str, object]]:
 def _settle_id_field(spec: InputSpec) -> str | None:
     """The id field: the one asked for, else `id` when the records have one (the first record
     decides for .jsonl), else None (the record number)."""
-    if spec.id_field is not None or spec.format == "txt":
-        if spec.format == "txt" and spec.id_field is not None:
-            raise UserError(f"--id-field {spec.id_field}: a text file has no fields", "drop --id-field; a line's id is its number")
+    if spec.format == "txt":
+        for flag, value, default in (("--field", spec.text_field, "text"), ("--id-field", spec.id_field, None)):
+            if value != default:
+                raise UserError(f"{flag} {value}: {spec.name} is read as text lines, which have no fields",
+                                f"drop {flag}, or pass --input-format jsonl, csv, tsv or parquet")
+        return None
+    if spec.id_field is not None:
         return spec.id_field
     if spec.format == "parquet":
         return "id" if "id" in _parquet_file(spec).schema_arrow.names else None
