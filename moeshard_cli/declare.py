@@ -54,11 +54,6 @@ def output_options(opts) -> dict:
     return {f.name: _plain(getattr(opts, f.name)) for f in fields(opts) if f.metadata.get("output")}
 
 
-def flag_of(cls, name: str) -> str:
-    """The long flag of field `name` (for messages)."""
-    return next(f.metadata["flags"][0] for f in fields(cls) if f.name == name)
-
-
 def _plain(value: Any) -> Any:
     """JSON's types: paths as strings, dataclasses as dicts."""
     if dataclasses.is_dataclass(value):

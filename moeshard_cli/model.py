@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeshard_cli.choices import ATTENTIONS
 from moeshard_cli.dtypes import DTYPES
 from moeshard_cli.moe.dispatch import ShardedDispatch
 from moeshard_cli.moe.exchange import Collectives
@@ -124,11 +123,6 @@ def sharded_model(shards: ShardSet, rank: int, device: torch.device, backend: st
 # ---------------------------------------------------------------- attention
 
 _FUSED = "moeshard_fused"  # a name without "sdpa": transformers refuses sdpa for Switch, which has no support flag
-
-
-def check_attention(name: str) -> None:
-    if name not in ATTENTIONS:
-        raise ValueError(f"{name} is unknown")
 
 
 def use_attention(family, model, name: str) -> None:

@@ -98,7 +98,7 @@ def run(opts: RunOptions, pool=None) -> RunSummary:
         resolved = replace(opts, pooling=opts.mode, window=round_window(opts.window, opts.batch_size, world), device=device)
         fingerprint = _fingerprint(resolved, info, shards, fmt.name)
         digest = outputs.fingerprint_digest(fingerprint)
-        metadata = _metadata(resolved, info, shards, digest, output, fmt.name)
+        metadata = _metadata(resolved, info, shards, digest, fmt.name)
         try:
             result, start = _encode(opts, resolved, info, shards, fmt.name, fingerprint, digest, metadata, world, pool)
         except AlreadyComplete as done:
@@ -196,7 +196,7 @@ def _fingerprint(resolved: RunOptions, info: InputInfo, shards: ShardSet, fmt: s
     }
 
 
-def _metadata(resolved: RunOptions, info: InputInfo, shards: ShardSet, digest: str, output: Path, fmt: str) -> dict:
+def _metadata(resolved: RunOptions, info: InputInfo, shards: ShardSet, digest: str, fmt: str) -> dict:
     """What the output records about how it was made: typed JSON, absolute paths."""
     source, spec = shards.data["source"], info.spec
     record = {
@@ -210,8 +210,8 @@ def _metadata(resolved: RunOptions, info: InputInfo, shards: ShardSet, digest: s
         "shards": {"path": str(shards.root.resolve()), "world_size": shards.world_size,
                    "manifest_sha256": _sha256(shards.root / MANIFEST)},
         "options": output_options(resolved),
-        "output": {"path": str(output.resolve()), "format": fmt, "rows": info.lines,
-                   "row": "score" if resolved.score else resolved.pooling},
+        # not the output's own path: a resumed or renamed file holds the bytes of an uninterrupted run
+        "output": {"format": fmt, "rows": info.lines, "row": "score" if resolved.score else resolved.pooling},
     }
     # the flat string keys of earlier versions, for readers of safetensors' metadata
     record["legacy"] = {

@@ -258,7 +258,6 @@ def recorded_digest(output: Path) -> str | None:
 # ---------------------------------------------------------------- staged formats: written whole at the end
 
 STAGED_BATCH = 8192  # rows per parquet row group and per write
-SCORE_FIELDS = ("tokens", "logprob", "mean_nll")
 
 
 def _batches(rows: np.ndarray, ids: Iterator):
