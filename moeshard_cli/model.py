@@ -122,13 +122,7 @@ def sharded_model(shards: ShardSet, rank: int, device: torch.device, backend: st
 
 # ---------------------------------------------------------------- attention
 
-ATTENTIONS = ("eager", "fused")
 _FUSED = "moeshard_fused"  # a name without "sdpa": transformers refuses sdpa for Switch, which has no support flag
-
-
-def check_attention(name: str) -> None:
-    if name not in ATTENTIONS:
-        raise ValueError(f"{name} is unknown")
 
 
 def use_attention(family, model, name: str) -> None:

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeshard_cli.choices import BACKENDS
 from moeshard_cli.errors import UserError
 
-BACKENDS = ("auto", "grouped_mm", "loop", "megablocks")
 
 
 def padded_width(width: int, dtype: torch.dtype) -> int:
