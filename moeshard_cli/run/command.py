@@ -29,7 +29,7 @@ from moeshard_cli.run.output_life import OutputLife, RunIdentity
 from moeshard_cli.run.outputs import output_format
 from moeshard_cli.run.job import RunJob, worker_main
 from moeshard_cli.run.schedule import round_window
-from moeshard_cli.ui import quantile
+from moeshard_cli.ui import Display, quantile
 
 POOLINGS = ("mean", "last", "none")
 
@@ -62,7 +62,7 @@ class RunOptions:
     node_rank: int = 0
     rdzv_endpoint: str | None = None
     debug: bool = False
-    show_progress: bool = True
+    progress: Display = field(default_factory=Display)  # bar, log lines or nothing (ui.py)
     argv: list[str] = field(default_factory=lambda: sys.argv[1:])
 
     def validate(self) -> None:
@@ -196,7 +196,7 @@ def run(opts: RunOptions) -> RunSummary:
                      router=opts.router_spec, timeout=opts.timeout, fingerprint=digest,
                      start=start.position if start else Position(), lines_done=start.lines_done if start else 0,
                      layout=start.layout if start else None, journal=str(start.journal) if start else None,
-                     show_progress=opts.show_progress, attention=opts.attention)
+                     progress=opts.progress, attention=opts.attention)
         if opts.nnodes > 1:
             print(f"node {opts.node_rank} of {opts.nnodes}: waiting up to {opts.timeout:g} s for the other nodes at {opts.rdzv_endpoint}",
                   flush=True)

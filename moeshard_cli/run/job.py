@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.run.feed import Position
 from moeshard_cli.run.outputs import OutputLayout
+from moeshard_cli.ui import Display
 
 
 @dataclass
@@ -32,7 +33,7 @@ class RunJob:
     lines_done: int
     layout: OutputLayout | None  # node 0 only: rank 0 writes
     journal: str | None
-    show_progress: bool = True
+    progress: Display = field(default_factory=Display)
     attention: str = "eager"
 
 
