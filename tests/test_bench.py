@@ -98,13 +98,14 @@ def test_json_layout(tiny_sweep):
     from moeshard_cli import __version__
 
     result, stdout, _ = tiny_sweep
-    assert {"moeshard", "config", "machine", "started", "seconds", "estimate_s", "phases", "cells"} <= set(result)
+    assert {"moeshard", "config", "machine", "started", "seconds", "estimate", "phases", "cells"} <= set(result)
     assert result["moeshard"] == __version__
     for key in ("torch", "transformers", "deepspeed", "cpu", "cores"):
         assert key in result["machine"]
     config = result["config"]
     assert config["workers"] == 2 and config["skews"] == [0.0, 0.6] and config["batch_sizes"] == [2, 3]
     assert config["model"] == "tiny-switch" and "experts" not in config  # --model made the expert counts moot
+    assert result["estimate"]["slowdown"] >= 1 and set(result["estimate"]["parts"]) == {"start-up", "model set-up", "forwards"}
     assert 0 < result["phases"]["start_s"] < result["seconds"] and set(result["phases"]["model_setup_s"]) == {"tiny-switch"}
     cells = result["cells"]
     assert len(cells) == 2 * 2 * 5  # batch sizes x skews x systems
@@ -263,7 +264,7 @@ def test_decoder_systems_agree_with_moeshard(decoder_sweep):
             cell = by[system, skew]
             assert cell["skipped"] is None, cell
             assert cell["max_abs_diff_vs_moeshard"] <= 1e-4 and cell["dropped_pct"] == 0.0, cell
-            assert len(cell["samples"]) == 3
+            assert len(cell["samples_ms"]) == 3
     assert by["ep", 0.6]["imbalance"] > by["ep", 0.0]["imbalance"]  # hot experts pile onto one worker
     assert by["tp", 0.6]["imbalance"] == by["moeshard", 0.6]["imbalance"] == 1.0
 

@@ -116,11 +116,19 @@ def machine() -> dict:
     return info
 
 
-# Fixed costs of a sweep, measured on the 2-core machine (docs/benchmarks.md): starting the workers
-# (processes, imports, the process group), DeepSpeed's import and groups, building each model's shell,
-# and per forward the Python and collective overhead of each layer.
+# Fixed costs of a sweep, measured on the 2-core machine with nothing else running (docs/benchmarks.md):
+# starting the workers (processes, imports, the process group), DeepSpeed's import and groups, building
+# each model's shell, and per forward the Python and collective overhead of each layer. On a machine
+# shared with other work they take `slowdown` times longer.
 START_S, DEEPSPEED_START_S, MODEL_SETUP_S, LAYER_OVERHEAD_S = 8.0, 6.0, 1.0, 0.004
 FILL_BYTES_PER_S = 0.4e9  # drawing the built-in experts' random weights into shared memory, per worker
+
+
+def slowdown(wall_s: float, cpu_s: float) -> float:
+    """How much longer than its CPU time this process's imports took: about 1 on an idle machine,
+    5 when five times as many threads as cores want to run. Below 0.2 s of CPU (torch was imported
+    already) it says nothing, and counts as 1."""
+    return max(1.0, wall_s / cpu_s) if cpu_s >= 0.2 else 1.0
 
 
 @dataclass
@@ -128,29 +136,36 @@ class Estimate:
     """The time a sweep should take, in parts, and each cell's share (the ETA's units of work)."""
 
     parts: dict[str, float]
+    slowdown: float = 1.0
     cells: dict[tuple, float] = field(default_factory=dict)  # (model, batch, skew, system) or (model, "set-up") -> seconds
 
     @property
     def total_s(self) -> float:
         return sum(self.parts.values())
 
+    def record(self) -> dict:
+        """For the JSON, beside the real time."""
+        return {"seconds": round(self.total_s, 1), "parts": {k: round(v, 1) for k, v in self.parts.items()}, "slowdown": round(self.slowdown, 2)}
 
-def estimate(opts: BenchOptions, workers: int) -> Estimate:
-    """A FLOP count at a matmul rate measured here, plus the fixed costs above: start-up, filling the
-    shared experts, and every forward the sweep runs (repeats cut as the bench cuts them)."""
-    est = Estimate({"start-up": START_S + (DEEPSPEED_START_S if uses_deepspeed(opts.system_names) else 0.0), "model set-up": 0.0, "forwards": 0.0})
+
+def estimate(opts: BenchOptions, workers: int, slower: float = 1.0) -> Estimate:
+    """A FLOP count at a matmul rate measured here and now, plus the fixed costs above, `slower` times
+    longer (`slowdown`): start-up, filling the shared experts, and every forward the sweep runs
+    (repeats cut as the bench cuts them)."""
+    start = START_S + (DEEPSPEED_START_S if uses_deepspeed(opts.system_names) else 0.0)
+    est = Estimate({"start-up": start * slower, "model set-up": 0.0, "forwards": 0.0}, slower)
     for name in opts.models:
         source = resolve(name)
         dims, matrices = source.dims, len(source.family.expert_inputs) + 1
         rate = _matmul_rate(dims.d_model, dims.d_ff) / max(1, workers)  # per worker, its share of the cores
         expert_bytes = matrices * dims.moe_layers * dims.num_experts * dims.d_model * dims.d_ff * 4
-        setup = est.cells[name, "set-up"] = MODEL_SETUP_S + expert_bytes / FILL_BYTES_PER_S / max(1, workers)
+        setup = est.cells[name, "set-up"] = (MODEL_SETUP_S + expert_bytes / FILL_BYTES_PER_S / max(1, workers)) * slower
         est.parts["model set-up"] += setup
         for batch in opts.batches:
             for skew in opts.skews:
                 for system in opts.system_names:
                     per_forward = _forward_flops(dims, matrices, batch * opts.seq_len, _expert_factor(system, dims.num_experts, skew, opts)) / rate
-                    per_forward += LAYER_OVERHEAD_S * dims.num_layers
+                    per_forward += LAYER_OVERHEAD_S * dims.num_layers * slower
                     warm = opts.warmup if per_forward < opts.max_cell_seconds / 10 else 1
                     seconds = (warm + min(opts.iters, max(3, int(opts.max_cell_seconds / per_forward)))) * per_forward
                     est.cells[name, batch, skew, system] = seconds
@@ -215,5 +230,5 @@ def bench(opts: BenchOptions, display: Display = Display("off"), debug: bool = F
         remove_run_files(run_id)
     return {"moeshard": __version__, "config": opts.config() | {"workers": workers, "device": device},
             "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
-            "seconds": time.time() - start, "estimate_s": round(est.total_s, 1) if est else None,
+            "seconds": time.time() - start, "estimate": est.record() if est else None,
             "phases": {"start_s": done["started"] - start, "model_setup_s": done["model_setup_s"]}, "cells": done["cells"]}
