@@ -67,11 +67,14 @@ def figures(c: dict, up: float | None) -> list[str]:
 
 def results_table(cells: list[dict], title: str, narrow: bool) -> tuple[Table, list[str]]:
     """Every cell a row, or (narrow) each configuration a heading row over its systems, which
-    saves the three configuration columns. Skipped cells point to a note below the table."""
+    saves the three configuration columns and a space between columns: 78 characters wide with
+    the longest system name. Narrower still, a cell folds onto a second line rather than lose
+    digits. Skipped cells point to a note below the table."""
     ups, notes = speedups(cells), []
-    table = Table(title=title, title_justify="left", caption=CAPTION, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=title, title_justify="left", caption=CAPTION, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=narrow, show_edge=not narrow)
     for col in COLUMNS[3:] if narrow else COLUMNS:
-        table.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
+        table.add_column(col, justify="left" if col == "system" else "right", no_wrap=not narrow, overflow="fold")
     last = None
     for c in cells:
         key = (c["experts"], c["batch_size"], c["skew"])
@@ -93,7 +96,7 @@ def print_tables(console: Console, result: dict, per_layer: bool) -> None:
     cfg = result["config"]
     title = f"TTFT, {cfg['workers']} workers on {cfg['device']}, seq {cfg['seq_len']:,}, hot experts {cfg['hot_experts']:g}"
     table, notes = results_table(cells, title, narrow=False)
-    if Measurement.get(console, console.options, table).maximum > console.width:
+    if Measurement.get(console, console.options.update_width(10_000), table).maximum > console.width:  # its natural width
         table, notes = results_table(cells, title, narrow=True)
     console.print(table)
     for note in notes:
