@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 SWEEPS = {
-    "experts": ["--experts", "8", "--gpus", "2", "--iters", "3"],
+    "experts": ["--experts", "8", "--gpus", "2", "--iters", "3", "--systems", "moeshard,ep"],
     "skew": ["--model", "tiny-switch", "--skew", "0,0.3,0.6", "--systems", "moeshard,ep,hf", "--seq-len", "64"],
-    "batch": ["--experts", "8", "--batch-sizes", "2,4,8", "--systems", "moeshard,ep", "--iters", "5"],
+    "batch": ["--experts", "8", "--batch-sizes", "2,4,8", "--systems", "moeshard,ep", "--iters", "3"],
 }
 UNITS = {"ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0}
 

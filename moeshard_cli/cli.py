@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -145,19 +144,16 @@ def run(
 def bench(opts: BenchOptions):
     """Compare MoEShard with DeepSpeed-MoE, expert parallelism and transformers (its experts, its tensor-parallel plan), as in the paper."""
     opts.check_values()  # before torch's import: a wrong value is refused at once
-    wall, cpu = time.perf_counter(), time.process_time()  # the imports below tell how busy the machine is
-    from moeshard_cli.bench.command import bench as do_bench, check_machine, default_workers, estimate, slowdown
-
-    slower = slowdown(time.perf_counter() - wall, time.process_time() - cpu)
+    from moeshard_cli.bench.command import bench as do_bench, check_machine, default_workers, estimate
     from moeshard_cli.bench.report import plot as write_plot, print_tables, write_json
     from moeshard_cli.launch import pick_device
     from moeshard_cli.ui import human_seconds
 
     check_machine(opts)
     show = display()
-    est = estimate(opts, opts.gpus or default_workers(pick_device(opts.device, opts.gpus or 1)), slower)
+    est = estimate(opts, opts.gpus or default_workers(pick_device(opts.device, opts.gpus or 1)))
     if show.mode != "off":
-        parts = f" ({', '.join(f'{name} {human_seconds(s)}' for name, s in est.parts.items())}; the machine {slower:.1f}x slower than idle)" if show.verbose else ""
+        parts = f" ({', '.join(f'{name} {human_seconds(s)}' for name, s in est.parts.items())}; the machine {est.slowdown:.1f}x slower than idle)" if show.verbose else ""
         console.print(f"estimated time: about {human_seconds(est.total_s)}{parts}", highlight=False)
     result = do_bench(opts, show, STATE["debug"], est)
     print_tables(console, result, opts.per_layer)

@@ -124,11 +124,13 @@ START_S, DEEPSPEED_START_S, MODEL_SETUP_S, LAYER_OVERHEAD_S = 8.0, 6.0, 1.0, 0.0
 FILL_BYTES_PER_S = 0.4e9  # drawing the built-in experts' random weights into shared memory, per worker
 
 
-def slowdown(wall_s: float, cpu_s: float) -> float:
-    """How much longer than its CPU time this process's imports took: about 1 on an idle machine,
-    5 when five times as many threads as cores want to run. Below 0.2 s of CPU (torch was imported
-    already) it says nothing, and counts as 1."""
-    return max(1.0, wall_s / cpu_s) if cpu_s >= 0.2 else 1.0
+def slowdown(cpu_s: float = 0.05) -> float:
+    """How much longer than its CPU time a CPU-bound loop takes on this thread: about 1 on an idle
+    machine, 5 when five times as many threads as cores want to run (wall over thread CPU time)."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    while time.thread_time() - cpu < cpu_s:
+        sum(range(1000))
+    return max(1.0, (time.perf_counter() - wall) / (time.thread_time() - cpu))
 
 
 @dataclass
@@ -148,10 +150,11 @@ class Estimate:
         return {"seconds": round(self.total_s, 1), "parts": {k: round(v, 1) for k, v in self.parts.items()}, "slowdown": round(self.slowdown, 2)}
 
 
-def estimate(opts: BenchOptions, workers: int, slower: float = 1.0) -> Estimate:
-    """A FLOP count at a matmul rate measured here and now, plus the fixed costs above, `slower` times
-    longer (`slowdown`): start-up, filling the shared experts, and every forward the sweep runs
-    (repeats cut as the bench cuts them)."""
+def estimate(opts: BenchOptions, workers: int, slower: float | None = None) -> Estimate:
+    """A FLOP count at a matmul rate measured here and now (so under the machine's present load), plus
+    the fixed costs above times `slower` (default: `slowdown()` measured now): start-up, filling the
+    shared experts, and every forward the sweep runs (repeats cut as the bench cuts them)."""
+    slower = slowdown() if slower is None else slower
     start = START_S + (DEEPSPEED_START_S if uses_deepspeed(opts.system_names) else 0.0)
     est = Estimate({"start-up": start * slower, "model set-up": 0.0, "forwards": 0.0}, slower)
     for name in opts.models:
