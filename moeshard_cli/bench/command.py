@@ -27,6 +27,7 @@ from moeshard_cli.launch import check_device, launch, pick_device
 from moeshard_cli.options import flag
 from moeshard_cli.ui import Display, human_bytes
 
+
 def check_machine(opts: BenchOptions) -> None:
     """After `opts.check_values()`: whether this install and machine can run the sweep. The extras
     come after the values, so a wrong flag is named as such even without deepspeed."""
@@ -116,15 +117,15 @@ def machine() -> dict:
     return info
 
 
-# Fixed costs of a sweep, measured on the 2-core machine with nothing else running (docs/benchmarks.md):
-# starting the workers (processes, imports, the process group), DeepSpeed's import and groups, building
-# each model's shell, and per forward the Python and collective overhead of each layer. On a machine
-# shared with other work they take `slowdown` times longer.
-START_S, DEEPSPEED_START_S, MODEL_SETUP_S, LAYER_OVERHEAD_S = 8.0, 6.0, 1.0, 0.004
+# Fixed costs of a sweep on the 2-core machine (docs/benchmarks.md), per unit of `slowdown`: starting the
+# workers (processes, imports, the process group), DeepSpeed's import and groups, building each model
+# (its shell, its replicated weights, each system's layers), and per forward the Python and collective
+# overhead of each layer. On a machine shared with other work they take `slowdown` times longer.
+START_S, DEEPSPEED_START_S, MODEL_SETUP_S, LAYER_OVERHEAD_S = 5.0, 6.0, 8.0, 0.004
 FILL_BYTES_PER_S = 0.4e9  # drawing the built-in experts' random weights into shared memory, per worker
 
 
-def slowdown(cpu_s: float = 0.05) -> float:
+def slowdown(cpu_s: float = 0.2) -> float:
     """How much longer than its CPU time a CPU-bound loop takes on this thread: about 1 on an idle
     machine, 5 when five times as many threads as cores want to run (wall over thread CPU time)."""
     wall, cpu = time.perf_counter(), time.thread_time()
@@ -177,8 +178,10 @@ def estimate(opts: BenchOptions, workers: int, slower: float | None = None) -> E
 
 
 def _matmul_rate(d_model: int, d_ff: int) -> float:
-    """FLOP/s of one expert-sized matmul on this process's threads: the median of a few, after one
-    untimed (the first pays for allocation and thread start)."""
+    """FLOP/s of an expert-sized matmul on this process's threads: the median of a few, after one
+    untimed (the first pays for allocation and thread start). At least 256 wide: on a tiny model's
+    matrices it would time the call, which LAYER_OVERHEAD_S already counts, not the arithmetic."""
+    d_model, d_ff = max(d_model, 256), max(d_ff, 256)
     a, b = torch.randn(1024, d_model), torch.randn(d_model, d_ff)
     a @ b
     times = []
