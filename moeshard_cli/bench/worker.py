@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import time
 import statistics
+import time
 from dataclasses import dataclass, field
 
 import torch
