@@ -287,14 +287,14 @@ def test_tp_refuses_slices_it_cannot_run(tmp_path):
 def test_the_progress_is_paced_by_each_cells_estimate():
     """The ETA's units are the estimate's seconds per cell (cells differ a hundredfold): the worker must find
     every cell's and every model's set-up estimate under the keys the command made them, none falling back."""
-    from moeshard_cli.bench.command import estimate, slowdown
+    from moeshard_cli.bench.command import START_S, estimate, slowdown
     from moeshard_cli.bench.options import BenchOptions
     from moeshard_cli.bench.worker import BenchJob, _Progress
     from moeshard_cli.ui import Display
 
     opts = BenchOptions(model="tiny-switch", skew="0,0.6", batch_sizes="2,64", systems="moeshard,ep")
     est = estimate(opts, 2, slower=3.0)
-    assert est.slowdown == 3.0 and est.parts["start-up"] == 3 * 8.0  # DeepSpeed's start-up is not in it
+    assert est.slowdown == 3.0 and est.parts["start-up"] == 3 * START_S  # DeepSpeed's start-up is not in it
     progress = _Progress(BenchJob(opts, "run-id", "cpu", Display("off"), est.cells))
     assert progress.weight == est.cells and len(est.cells) == 1 + 2 * 2 * 2
     assert progress.tracker.total == pytest.approx(est.parts["model set-up"] + est.parts["forwards"])

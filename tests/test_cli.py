@@ -431,11 +431,12 @@ def test_quiet_and_verbose_exclude_each_other():
     assert code == 2 and one_line(err) == "error: --quiet and --verbose exclude each other: pass one of them"
 
 
-def test_help_shows_no_value_for_flags():
-    code, out, _ = console_script(["--help"], env={"COLUMNS": "100"})
+def test_help_shows_no_value_for_flags(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    code, out, _ = invoke(["--help"])
     flags = [line for line in out.splitlines() if any(f in line for f in ("--quiet", "--verbose", "--debug", "--version"))]
     assert code == 0 and len(flags) == 4 and not any("<bool>" in line for line in flags), flags
-    code, out, _ = console_script(["bench", "--help"], env={"COLUMNS": "100"})
+    code, out, _ = invoke(["bench", "--help"])
     assert "<auto|cpu|cuda>" in out and not any("<bool>" in line for line in out.splitlines() if "--per-layer" in line or "--paper" in line)
 
 
