@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import ARCHS, FORMATS, cli_popen, invoke, read_rank_files, run_cli, save_checkpoint, tiny_checkpoint, tiny_model
+from moeshard_cli.families import families
 from moeshard_cli.shard import builtin
 from moeshard_cli.errors import UserError
 from moeshard_cli.shard.manifest import MANIFEST, check_files, read_shard_set
@@ -261,7 +262,7 @@ BAD_SOURCES = [
     ("no-config", _empty_dir, [], ["has no config.json", "save_pretrained"]),
     ("dense-t5", _dense_t5, [], ["dense t5 checkpoint with no experts", "use a checkpoint with experts"]),
     ("non-switch-bert", _bert, [], ["holds a bert model, which moeshard does not serve",
-                                    "use a checkpoint of a served family: mixtral, olmoe, qwen3_moe, switch_transformers"]),
+                                    "use a checkpoint of a served family: " + ", ".join(sorted(families()))]),
     ("truncated-safetensors", _damaged("safetensors", _truncate("model.safetensors", 0.6)), [],
      ["model.safetensors is truncated or corrupt", "download or copy that file again"]),
     ("truncated-safetensors-shard", _damaged("safetensors-sharded", _truncate("model-*.safetensors", 0.9)), [],

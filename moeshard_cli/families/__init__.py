@@ -10,6 +10,8 @@ one process) is built. The rest of the tool asks `family_of(model_type)` or `bui
 - gated.py: the transformers 5 decoder layout shared by Qwen3-MoE, OLMoE and Mixtral (top-k router
   module kept as it is, fused `gate_up_proj` [E, 2F, D] / `down_proj` [E, D, F] experts, stored per
   expert on disk); qwen3_moe.py, olmoe.py and mixtral.py say only what differs.
+- gpt_oss.py: GPT-OSS, the gated layout with biases, gate and up interleaved in one transposed
+  matrix, stored fused on disk (and MXFP4 on the hub).
 
 A new family that shares a layout is one new file that subclasses it and is listed in `_MODULES`.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-_MODULES = ("switch", "qwen3_moe", "olmoe", "mixtral")
+_MODULES = ("switch", "qwen3_moe", "olmoe", "mixtral", "gpt_oss")
 
 
 @dataclass(frozen=True)

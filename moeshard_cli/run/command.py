@@ -110,6 +110,8 @@ class RunOptions:
         if self.score and not family.decoder:
             raise UserError(f"--score needs a decoder family with an LM head; the shard set holds {family.name}, an encoder",
                             "shard a decoder MoE (Qwen3-MoE, OLMoE, Mixtral), or drop --score to write embeddings")
+        if self.attention == "fused" and getattr(family, "no_sdpa", None):
+            raise UserError(f"--attention fused: {family.no_sdpa}", "use --attention eager (the default)")
         if self.pooling is None and not self.score:
             self.pooling = "last" if family.decoder else "mean"
 

@@ -60,6 +60,33 @@ def sliced_dim(family, name: str) -> int | None:
     return family.sliced_dim(parsed[2]) if parsed else None
 
 
+def rank_cut(family, name: str, lo: int, hi: int) -> tuple[int, int, int] | None:
+    """(axis, start, stop) of tensor `name` that the rank with d_ff slice [lo, hi) holds, or None (all of it).
+
+    A matrix whose columns interleave gate and up (GPT-OSS's gate_up: g0, u0, g1, ...) has
+    `slice_steps` 2: the rank holds its columns [2 lo, 2 hi)."""
+    parsed = family.parse_expert_key(name)
+    dim = family.sliced_dim(parsed[2]) if parsed else None
+    if dim is None:
+        return None
+    step = getattr(family, "slice_steps", {}).get(parsed[2], 1)
+    return dim, step * lo, step * hi
+
+
+def held_by(family, name: str, rank: int) -> bool:
+    """Whether rank `rank`'s file holds tensor `name`: an expert's output bias (`one_rank`) is added
+    before the ranks' partial outputs are summed, so it lives on rank 0 alone."""
+    parsed = family.parse_expert_key(name)
+    return rank == 0 or not (parsed and parsed[2] in getattr(family, "one_rank", ()))
+
+
+def join_rank_parts(family, name: str, parts: list):
+    """A tensor of rank-file key `name` from every rank's part of it: expert slices joined, rank 0's otherwise."""
+    parsed = family.parse_expert_key(name)
+    dim = family.sliced_dim(parsed[2]) if parsed else None
+    return parts[0] if dim is None else join_slices(parts, dim)
+
+
 def expert_layers(family, names) -> list[int]:
     """The layers that hold experts, from rank-file key names."""
     return sorted({parsed[0] for name in names if (parsed := family.parse_expert_key(name))})
