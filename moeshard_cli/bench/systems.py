@@ -16,17 +16,9 @@ from moeshard_cli.moe.dispatch import Counted, ExpertParallelDispatch, ShardedDi
 from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.experts import GroupedExperts
 
-SYSTEMS = ("moeshard", "deepspeed", "deepspeed-dropless", "ep", "hf", "tp")
-DEFAULT_SYSTEMS = "moeshard,deepspeed,ep"
-
-
 @dataclass
 class Skip:
     reason: str
-
-
-def uses_deepspeed(systems: list[str]) -> bool:
-    return any(s.startswith("deepspeed") for s in systems)
 
 
 def paper_capacity_factor(num_experts: int) -> float:
