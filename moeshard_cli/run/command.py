@@ -201,7 +201,8 @@ def run(opts: RunOptions) -> RunSummary:
             print(f"node {opts.node_rank} of {opts.nnodes}: waiting up to {opts.timeout:g} s for the other nodes at {opts.rdzv_endpoint}",
                   flush=True)
         try:
-            returned = launch(worker_main, job, world, opts.nnodes, opts.node_rank, opts.rdzv_endpoint, opts.debug, timeout=opts.timeout)
+            returned = launch(worker_main, job, world, opts.nnodes, opts.node_rank, opts.rdzv_endpoint, opts.debug, timeout=opts.timeout,
+                              device=device, preload=worker_modules(shards.family))
         except (UserError, Interrupted) as exc:
             raise life.stop(exc, info.lines) if life else exc
         result = returned.get(0)
@@ -233,6 +234,12 @@ def _metadata(opts: RunOptions, info: InputInfo, shards: ShardSet, digest: str) 
         "max_length": str(opts.max_length), "attention": opts.attention, "input": str(info.path), "input_sha256": info.sha256, "lines": str(info.lines),
         "moeshard_version": __version__, "run_fingerprint": digest,
     }
+
+
+def worker_modules(family) -> tuple[str, ...]:
+    """What every worker imports before its first batch: imported once by a launcher whose CPU workers fork."""
+    return ("moeshard_cli.run.worker", "transformers.models.auto.tokenization_auto", "transformers.modeling_utils",
+            f"transformers.models.{family.model_type}.modeling_{family.model_type}")
 
 
 def _sha256(path: Path) -> str:
