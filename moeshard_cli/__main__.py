@@ -1,3 +1,3 @@
-from moeshard_cli.cli import console
+from moeshard_cli.cli import script
 
-console()
+script()

@@ -182,7 +182,7 @@ def demo(
     run_demo(console, gpus, out, debug=STATE["debug"])
 
 
-def console() -> None:
+def script() -> None:
     """The `moeshard` command (console script, `python -m moeshard_cli`): a process of its own, so its CPU workers can fork."""
     from moeshard_cli.launch import fork_cpu_workers
 
