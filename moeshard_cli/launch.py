@@ -411,7 +411,15 @@ def as_node_rank(payload: bytes, node_rank: int):
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a Ctrl-C held since spawn ends it here
     entrypoint, job = pickle.loads(payload)
     os.environ["RANK"] = str(node_rank * int(os.environ["LOCAL_WORLD_SIZE"]) + int(os.environ["LOCAL_RANK"]))
+    _name_process(f"moeshard-w{os.environ['RANK']}")
     return entrypoint(job)
+
+
+def _name_process(name: str) -> None:
+    """What `ps -o comm`, `top` and psutil show for this worker: a forked one would look like its launcher."""
+    if _LIBC is not None:
+        PR_SET_NAME = 15
+        _LIBC.prctl(PR_SET_NAME, name.encode()[:15])
 
 
 def describe_failure(failure) -> str:
