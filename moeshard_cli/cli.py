@@ -176,6 +176,14 @@ def demo(
     run_demo(console, gpus, out, debug=STATE["debug"], display=display())
 
 
+def script() -> None:
+    """The `moeshard` command (console script, `python -m moeshard_cli`): a process of its own, so its CPU workers can fork."""
+    from moeshard_cli.launch import fork_cpu_workers
+
+    fork_cpu_workers()
+    main()
+
+
 def main() -> None:
     # Ctrl-C and SIGTERM raise Interrupted: cleanup runs, the exit code is 130 or 143, the line says which
     previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGINT, signal.SIGTERM)}
