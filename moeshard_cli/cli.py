@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -19,7 +19,6 @@ from moeshard_cli.run.options import RunOptions
 from moeshard_cli.shard.builtin import DEFAULT_MODEL
 from moeshard_cli.bench.options import BenchOptions
 from moeshard_cli.errors import Interrupted, UserError
-from moeshard_cli.options import flag_option, takes_options
 
 app = typer.Typer(
     name="moeshard",
@@ -61,10 +60,10 @@ def _version(value: bool):
 
 @app.callback()
 def root(
-    quiet: Annotated[bool, flag_option("--quiet", "-q", help="No progress, only errors and the results (bench's table, the files written).")] = False,
-    verbose: Annotated[bool, flag_option("--verbose", "-v", help="More detail: bench's estimate in parts and each cell's result as it finishes.")] = False,
-    debug: Annotated[bool, flag_option("--debug", help="Show full tracebacks on errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.", metavar="")] = False,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress, only errors and the results (bench's table, the files written)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail: bench's estimate in parts and each cell's result as it finishes."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ):
     if quiet and verbose:
         raise UserError("--quiet and --verbose exclude each other", "pass one of them")
@@ -136,9 +135,10 @@ def _print_cut(result) -> None:
 
 
 @app.command()
-@takes_options(BenchOptions)
-def bench(opts: BenchOptions):
+@command_options(BenchOptions)  # every flag of `bench` is declared once, in bench/options.py
+def bench(**flags):
     """Compare MoEShard with DeepSpeed-MoE, expert parallelism and transformers (its experts, its tensor-parallel plan), as in the paper."""
+    opts = BenchOptions(**flags)
     opts.check_values()  # before torch's import: a wrong value is refused at once
     from moeshard_cli.bench.command import bench as do_bench, check_machine, default_workers, estimate
     from moeshard_cli.bench.report import plot as write_plot, print_tables, write_json

@@ -8,7 +8,9 @@
 command line, the options object the library takes, the worker's job (which carries that
 object) and the resume fingerprint (`output_options`) cannot disagree. A `Literal[...]` type
 becomes click's Choice: a wrong value fails at once, listing the choices, and shell completion
-offers them. Fields without flags (set by the caller, e.g. `debug`) are not on the command line.
+offers them. A `bool` field is an on/off flag; help shows no `<bool>` after it because cli.py
+uses click's plain help (`rich_markup_mode=None`). Fields without flags (set by the caller, e.g.
+`debug`) are not on the command line. `run` (run/options.py) and `bench` (bench/options.py) use it.
 """
 
 from __future__ import annotations

@@ -1,19 +1,19 @@
-"""`moeshard bench`'s options, each stated once: the fields of `BenchOptions` carry their flag
-(name, help, choices), cli.py makes the command's signature from them, and the workers get the
-object itself. Nothing here imports torch: a wrong value is refused before the seconds it takes.
+"""`moeshard bench`'s options, each stated once (declare.py): the fields of `BenchOptions` carry
+their flag (name, help, choices), cli.py makes the command's signature from them, and the workers
+get the object itself. Nothing here imports torch: a wrong value is refused before the seconds it takes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Optional
 
-import typer
-
+from moeshard_cli.choices import Device
+from moeshard_cli.declare import option
 from moeshard_cli.errors import UserError
 from moeshard_cli.files import check_writable
-from moeshard_cli.options import at_least, check_router_flags, flag_option, positive
+from moeshard_cli.options import at_least, check_router_flags, positive
 
 SYSTEMS = ("moeshard", "deepspeed", "deepspeed-dropless", "ep", "hf", "tp")
 PAPER = dict(experts="8,16,32,64,128,256", batch_sizes="10,50,100,250,450", seq_len=120, gpus=4)
@@ -46,28 +46,27 @@ def parse_list(text: str, kind, flag: str) -> list:
 class BenchOptions:
     """Comma lists stay text here (as typed); `skews`, `experts`, ... are the parsed values."""
 
-    skew: Annotated[str, typer.Option("--skew", help="Router skew, or a comma list to compare (e.g. 0,0.6); 0 is uniform.")] = "0.6"
-    hot_experts: Annotated[float, typer.Option("--hot-experts", help="Fraction of experts that get the extra probability.")] = 0.1
-    experts: Annotated[str, typer.Option("--experts", help="Comma list of expert counts (built-in switch-base-E models; ignored with --model).")] = "8,32,128"
-    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma list of sequences per worker.")] = "8"
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence.")] = 120
-    gpus: Annotated[Optional[int], typer.Option("--gpus", help="Workers (default: GPUs on CUDA, 2 on CPU).")] = None
-    iters: Annotated[int, typer.Option("--iters", help="Timed forwards per system and configuration (slow systems get fewer, at least 3).")] = 10
-    warmup: Annotated[int, typer.Option("--warmup", help="Untimed forwards first.")] = 2
-    systems: Annotated[str, typer.Option(
-        "--systems", autocompletion=complete_systems,
-        help=f"Comma list from {', '.join(SYSTEMS)} (hf: transformers' experts, full copies; tp: transformers' tensor-parallel plan, decoder families).",
-    )] = "moeshard,deepspeed,ep"
-    capacity_factor: Annotated[Optional[float], typer.Option("--capacity-factor", help="DeepSpeed's capacity factor (default: min(E, 50), as the paper).")] = None
-    model: Annotated[Optional[str], typer.Option("--model", help="Benchmark this checkpoint, shard set or built-in (e.g. tiny-qwen3-moe, qwen3-moe-mid, olmoe-mid, mixtral-mid) instead of switch-base-E.")] = None
-    per_layer: Annotated[bool, flag_option("--per-layer", help="Also time each MoE layer (paper section 4.2).")] = False
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write every raw sample (in ms), the configuration and the machine as JSON.")] = None
-    plot_path: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: latency per system (median, p10-p90) and speedup, along each swept axis.")] = None
-    paper: Annotated[bool, flag_option("--paper", help="The paper's sweep for a 4-GPU node: experts 8-256, batch 10-450, seq 120, 4 workers.")] = False
-    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device", help="Where the workers run.")] = "auto"
-    seed: Annotated[int, typer.Option("--seed", help="Seed of inputs and router draws.")] = 0
-    max_cell_seconds: Annotated[float, typer.Option("--max-cell-seconds", help="Time budget per system and configuration before repeats are cut (min 3).")] = 12.0
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a collective may wait before the bench fails.")] = 900.0
+    skew: str = option("--skew", default="0.6", help="Router skew, or a comma list to compare (e.g. 0,0.6); 0 is uniform.")
+    hot_experts: float = option("--hot-experts", default=0.1, help="Fraction of experts that get the extra probability.")
+    experts: str = option("--experts", default="8,32,128", help="Comma list of expert counts (built-in switch-base-E models; ignored with --model).")
+    batch_sizes: str = option("--batch-sizes", default="8", help="Comma list of sequences per worker.")
+    seq_len: int = option("--seq-len", default=120, help="Tokens per sequence.")
+    gpus: Optional[int] = option("--gpus", default=None, help="Workers (default: GPUs on CUDA, 2 on CPU).")
+    iters: int = option("--iters", default=10, help="Timed forwards per system and configuration (slow systems get fewer, at least 3).")
+    warmup: int = option("--warmup", default=2, help="Untimed forwards first.")
+    systems: str = option("--systems", default="moeshard,deepspeed,ep", autocompletion=complete_systems,
+                          help=f"Comma list from {', '.join(SYSTEMS)} (hf: transformers' experts, full copies; tp: transformers' tensor-parallel plan, decoder families).")
+    capacity_factor: Optional[float] = option("--capacity-factor", default=None, help="DeepSpeed's capacity factor (default: min(E, 50), as the paper).")
+    model: Optional[str] = option("--model", default=None,
+                                  help="Benchmark this checkpoint, shard set or built-in (e.g. tiny-qwen3-moe, qwen3-moe-mid, olmoe-mid, mixtral-mid) instead of switch-base-E.")
+    per_layer: bool = option("--per-layer", default=False, help="Also time each MoE layer (paper section 4.2).")
+    json_path: Optional[Path] = option("--json", default=None, help="Write every raw sample (in ms), the configuration and the machine as JSON.")
+    plot_path: Optional[Path] = option("--plot", default=None, help="Write a PNG: latency per system (median, p10-p90) and speedup, along each swept axis.")
+    paper: bool = option("--paper", default=False, help="The paper's sweep for a 4-GPU node: experts 8-256, batch 10-450, seq 120, 4 workers.")
+    device: Device = option("--device", default="auto", help="Where the workers run.")
+    seed: int = option("--seed", default=0, help="Seed of inputs and router draws.")
+    max_cell_seconds: float = option("--max-cell-seconds", default=12.0, help="Time budget per system and configuration before repeats are cut (min 3).")
+    timeout: float = option("--timeout", default=900.0, help="Seconds a collective may wait before the bench fails.")
 
     def __post_init__(self) -> None:
         if self.paper:
