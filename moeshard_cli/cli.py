@@ -101,10 +101,11 @@ def run(**flags):
     from moeshard_cli.run.report import print_run_summary
     from moeshard_cli.run.command import run as do_run
     from moeshard_cli.shard.cache import settle_shards
-    from moeshard_cli.ui import byte_progress
+    from moeshard_cli.ui import Display, byte_progress
 
-    opts = RunOptions(**flags, debug=STATE["debug"], progress=display())
-    with byte_progress(console, "sharding") as progress:  # seen only when --model cuts a set on first use
+    # --json -: standard output holds only the JSON, so no progress is drawn there
+    opts = RunOptions(**flags, debug=STATE["debug"], progress=Display("off") if str(flags["json_path"]) == "-" else display())
+    with byte_progress(console, "sharding", opts.progress) as progress:  # seen only when --model cuts a set on first use
         settle_shards(opts, progress, on_cut=_print_cut, note=lambda line: err_console.print(f"note: {escape(line)}"))
     summary = do_run(opts)
     out = err_console if str(opts.json_path) == "-" else console  # --json -: stdout holds only the JSON
