@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeshard_cli.dtypes import DTYPES
+from moeshard_cli.families import SHARED_EXPERT
 from moeshard_cli.moe.dispatch import ShardedDispatch
 from moeshard_cli.moe.exchange import Collectives
-from moeshard_cli.moe.experts import GroupedExperts, resolve_backend, stack_experts
+from moeshard_cli.moe.experts import GroupedExperts, SharedExpert, resolve_backend, stack_experts
 from moeshard_cli.moe.layer import ShardedExperts, ShardedSparseMLP, TokenContext
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.moe.timing import SectionTimer
@@ -34,8 +35,9 @@ def install_moe(family, model, make_moe: Callable[[int], nn.Module]) -> list[int
     return layers
 
 
-def split_expert_weights(family, state: dict[str, torch.Tensor]) -> dict[int, tuple[list, list]]:
-    """Pop the per-expert slices out of a state dict: {layer: ([[input matrices] per expert], [output per expert])}."""
+def split_expert_weights(family, state: dict[str, torch.Tensor]) -> dict[int, tuple[list, list, tuple | None]]:
+    """Pop the per-expert slices out of a state dict: {layer: ([[input matrices] per expert], [output per expert],
+    the shared expert's ([input matrices], output) or None)}."""
     found: dict[int, dict[str, dict[int, torch.Tensor]]] = {}
     for key in list(state):
         if parsed := family.parse_expert_key(key):
@@ -43,8 +45,10 @@ def split_expert_weights(family, state: dict[str, torch.Tensor]) -> dict[int, tu
             found.setdefault(layer, {}).setdefault(matrix, {})[expert] = state.pop(key)
     split = {}
     for layer, mats in found.items():
-        experts = sorted(mats[family.expert_output])
-        split[layer] = ([[mats[m][e] for m in family.expert_inputs] for e in experts], [mats[family.expert_output][e] for e in experts])
+        shared = SHARED_EXPERT in mats[family.expert_output]
+        experts = sorted(mats[family.expert_output])[shared:]  # the shared expert's index sorts first
+        split[layer] = ([[mats[m][e] for m in family.expert_inputs] for e in experts], [mats[family.expert_output][e] for e in experts],
+                        ([mats[m][SHARED_EXPERT] for m in family.expert_inputs], mats[family.expert_output][SHARED_EXPERT]) if shared else None)
     return split
 
 
@@ -73,6 +77,14 @@ def read_rank_file(shards: ShardSet, rank: int, device: torch.device) -> dict[st
 def sharded_experts(family, config, inputs_E: list, outputs_E: list, backend: str) -> GroupedExperts:
     """One layer's slices of every expert, stacked for grouped matmuls (the per-expert copies can go)."""
     return GroupedExperts(*stack_experts(inputs_E, outputs_E), family.act(config), backend)
+
+
+def shared_expert(family, config, model, layer: int, weights: tuple | None, backend: str) -> SharedExpert | None:
+    """One layer's (slice of the) shared expert with the block's gate, or None where the family has none."""
+    if weights is None:
+        return None
+    inputs, output = weights
+    return SharedExpert(GroupedExperts(*stack_experts([inputs], [output]), family.act(config), backend), family.shared_gate_fn(model, layer))
 
 
 @dataclass
@@ -110,7 +122,9 @@ def sharded_model(shards: ShardSet, rank: int, device: torch.device, backend: st
     experts = split_expert_weights(family, state)
 
     def make(layer):  # each layer's per-expert copies go as it is stacked
-        dispatch = ShardedDispatch(sharded_experts(family, config, *experts.pop(layer), backend), comm, timer)
+        inputs_E, outputs_E, shared = experts.pop(layer)
+        dispatch = ShardedDispatch(sharded_experts(family, config, inputs_E, outputs_E, backend), comm, timer,
+                                   shared_expert(family, config, model, layer, shared, backend))
         mlps[layer] = moe_module(family, config, dispatch, router, ctx, layer)
         return mlps[layer]
 

@@ -24,7 +24,7 @@ from moeshard_cli.dtypes import DTYPES
 from moeshard_cli.files import is_temporary, write_json_atomic
 from moeshard_cli.shard.manifest import DEFAULT_ROOT, FORMAT_VERSION, MANIFEST
 from moeshard_cli.options import flag
-from moeshard_cli.shard.plan import check_world, expert_layers, rank_file_name, slice_along, slice_bounds, sliced_dim, sliced_shape
+from moeshard_cli.shard.plan import check_world, expert_layers, rank_file_name, slice_along, slice_bounds, sliced_dim, sliced_shape, tensor_bounds
 from moeshard_cli.shard.writer import StreamingSafetensorsWriter
 
 OWN_FILES = {MANIFEST, "config.json", *TOKENIZER_FILES}
@@ -81,7 +81,7 @@ def rank_layouts(source: Source, bounds, dtype: torch.dtype):
     layouts = [[] for _ in bounds]
     for entry in source.tensors:
         dim = sliced_dim(source.family, entry.name)
-        for rank, (lo, hi) in enumerate(bounds):
+        for rank, (lo, hi) in enumerate(bounds if dim is None else tensor_bounds(entry.shape, dim, len(bounds))):
             layouts[rank].append((entry.name, entry.shape if dim is None else sliced_shape(entry.shape, dim, lo, hi), dtype))
     return layouts
 
@@ -116,7 +116,7 @@ def stream(source: Source, writers: list[StreamingSafetensorsWriter], bounds, dt
         tensor = kept[0][0].load().to(dtype) if kept else None
         for i, (entry, dim) in enumerate(kept):
             jobs, nbytes = [], 0
-            for writer, (lo, hi) in zip(writers, bounds):
+            for writer, (lo, hi) in zip(writers, bounds if dim is None else tensor_bounds(entry.shape, dim, len(bounds))):
                 data = writer.prepare(entry.name, tensor if dim is None else slice_along(tensor, dim, lo, hi))
                 jobs += [pool.submit(writer.hash, data), pool.submit(writer.append, data)]
                 nbytes += data.nbytes

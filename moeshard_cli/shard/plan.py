@@ -20,6 +20,14 @@ def slice_bounds(d_ff: int, world: int) -> list[tuple[int, int]]:
     return even_bounds(d_ff, world)
 
 
+def tensor_bounds(shape: tuple[int, ...], dim: int, world: int) -> list[tuple[int, int]]:
+    """The rank slices of one expert matrix: its own width along `dim`, split as slice_bounds splits d_ff.
+
+    For the routed experts these are the manifest's slices; a shared expert of another width (Qwen2-MoE's
+    is 4x as wide) gets its own, so every rank holds about 1/world of it too."""
+    return slice_bounds(shape[dim], world)
+
+
 def check_world(world: int) -> None:
     if world < 1:
         raise ValueError(f"must be at least 1, got {world}")
