@@ -187,3 +187,22 @@ def test_gate_and_up_cut_from_the_fused_rows_fails(blocks, family):
     finally:
         b.rank_state = good
     assert error(wrong, b.transformers_output()) > 1e-2
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
+def test_bench_shared_mlp_slices_add_up_to_the_whole(blocks, family):
+    """The bench gives MoEShard a rank's slice of the shared expert and the other systems the whole one."""
+    from moeshard_cli.bench.systems import SharedMLP, Skip, build_dispatch
+
+    b = blocks(family)
+    inputs = [b.state[b.family.expert_key(b.layer, SHARED_EXPERT, m)] for m in b.family.expert_inputs]
+    output = b.state[b.family.expert_key(b.layer, SHARED_EXPERT, b.family.expert_output)]
+    mlp = SharedMLP(inputs, output, b.family.shared_gate_fn(b.model, b.layer), b.family.act(b.config), "loop")
+    with torch.no_grad():
+        whole = mlp.whole()(b.x_TD)
+        for world in (2, 3):
+            assert error(sum(mlp.rank_slice(b.family, r, world)(b.x_TD) for r in range(world)), whole) <= TOL
+        assert error(mlp.rank_slice(b.family, 0, 2)(b.x_TD), whole) > 1e-2
+    skip = build_dispatch("deepspeed", b.layer, b.family, b.config, None, type("C", (), {"world": 2, "rank": 0})(), None, None,
+                          "loop", None, 0, mlp)
+    assert isinstance(skip, Skip) and "shared-expert" in skip.reason

@@ -109,14 +109,14 @@ def build_dispatch(name: str, layer: int, family, config, shared: SharedExperts,
         if need > 0.8 * free_bytes:
             return Skip(f"needs a full copy of the experts per worker ({need / 2**30:.1f} GiB), {free_bytes / 2**30:.1f} GiB free")
         return TransformersExpertsDispatch(family, config, shared, layer, whole)
+    if name.startswith("deepspeed") and shared_mlp is not None:
+        return Skip(f"the bench's DeepSpeed-MoE layer has no shared-expert path ({family.name} adds one to every token)")
     if E % G:
         return Skip(f"E={E} is not divisible by {G} workers (whole experts per worker)")
     local = slice(r * E // G, (r + 1) * E // G)
     w_in_GLDH, w_out_GLFD = shared.w_in_GEDH[layer][:, local], shared.w_out_GEFD[layer][:, local]
     if name == "ep":
         return ExpertParallelDispatch(SlicedExperts(w_in_GLDH, w_out_GLFD, act, backend), E, comm, timer, whole)
-    if shared_mlp is not None:
-        return Skip(f"the bench's DeepSpeed-MoE layer has no shared-expert path ({family.name} adds one to every token)")
     if dims.top_k > 2:
         return Skip(f"DeepSpeed-MoE's gates are top-1 and top-2; {family.name} routes top-{dims.top_k}")
     from moeshard_cli.bench.deepspeed_moe import DeepSpeedDispatch
