@@ -11,6 +11,11 @@ one process) is built. The rest of the tool asks `family_of(model_type)` or `bui
   module kept as it is, fused `gate_up_proj` [E, 2F, D] / `down_proj` [E, D, F] experts, stored per
   expert on disk); qwen3_moe.py, olmoe.py and mixtral.py say only what differs.
 
+- qwen2_moe.py, deepseek_v3.py, deepseek_v2.py, phimoe.py: the same layout with a shared expert
+  (Qwen2-MoE, DeepSeek), dense first layers (DeepSeek) or other names (PhiMoE's router).
+- table.py: every MoE model type of the installed transformers, the ones refused and why
+  (docs/models.md's table is rendered from it).
+
 A new family that shares a layout is one new file that subclasses it and is listed in `_MODULES`.
 """
 

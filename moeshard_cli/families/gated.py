@@ -1,4 +1,4 @@
-"""The gated top-k decoder layout of transformers 5, shared by Qwen3-MoE, OLMoE and Mixtral.
+"""The gated top-k decoder layout of transformers 5: Qwen3-MoE, OLMoE, Mixtral, Qwen2-MoE, DeepSeek-V3/V2, PhiMoE.
 
 In memory each MoE block is `mlp.gate` (transformers' top-k router: softmax, top-k, renormalise
 or not, as the family says) and `mlp.experts` with fused parameters `gate_up_proj` [E, 2F, D]
@@ -12,6 +12,11 @@ columns of down: `act(gate) * up` is elementwise along F, so the slices' outputs
 `mlp.experts` is replaced by moeshard's module (moe/layer.ShardedExperts), which has the
 experts' call signature `(hidden_states, top_k_index, top_k_weights)`; the router stays
 transformers' own, so each family's routing rules come for free.
+
+A shared expert (Qwen2-MoE's `mlp.shared_expert`, DeepSeek's `mlp.shared_experts`) is stored as
+a plain MLP, `{shared}.gate_proj/up_proj/down_proj.weight`, parsed as expert SHARED and sliced by
+the same rule at its own width; its slot in transformers' block gets a `ZeroOutput` and the slice
+runs inside moeshard's exchange with the block's gate (moe/experts.SharedExpert).
 """
 
 from __future__ import annotations
