@@ -57,7 +57,7 @@ def root(
 
 @app.command()
 def shard(
-    source: str = typer.Argument(DEFAULT_MODEL, help="Hub id (google/switch-base-128, Qwen/Qwen3-30B-A3B), local checkpoint directory, shard set, or built-in name (tiny-switch, switch-base-8..256, tiny-qwen3-moe, qwen3-moe-mid, tiny-olmoe, olmoe-mid, tiny-mixtral, mixtral-mid)."),
+    source: str = typer.Argument(DEFAULT_MODEL, help="Hub id (google/switch-base-128, Qwen/Qwen3-30B-A3B), local checkpoint directory, shard set, or built-in name (tiny-switch, switch-base-8..256, tiny-qwen3-moe, qwen3-moe-mid, tiny-olmoe, olmoe-mid, tiny-mixtral, mixtral-mid, tiny-qwen2-moe, tiny-deepseek-v3, deepseek-v3-mid, tiny-deepseek-v2, tiny-phimoe)."),
     gpus: int = typer.Option(..., "--gpus", "-n", help="Number of ranks (GPUs or CPU workers) to slice the experts for."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: ./moeshard-shards/<model>-w<gpus>)."),
     dtype: str = typer.Option("float32", "--dtype", help="Data type of the rank files: float32, bfloat16 or float16."),
@@ -132,7 +132,7 @@ def bench(
     warmup: int = typer.Option(2, "--warmup", help="Untimed forwards first."),
     systems: str = typer.Option("moeshard,deepspeed,ep", "--systems", help="Comma list from moeshard, deepspeed, deepspeed-dropless, ep, hf (transformers' experts, full copies), tp (transformers' tensor-parallel plan, decoder families)."),
     capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="DeepSpeed's capacity factor (default: min(E, 50), as the paper)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Benchmark this checkpoint, shard set or built-in (e.g. tiny-qwen3-moe, qwen3-moe-mid, olmoe-mid, mixtral-mid) instead of switch-base-E."),
+    model: Optional[str] = typer.Option(None, "--model", help="Benchmark this checkpoint, shard set or built-in (e.g. tiny-qwen3-moe, qwen3-moe-mid, olmoe-mid, mixtral-mid, deepseek-v3-mid) instead of switch-base-E."),
     per_layer: bool = typer.Option(False, "--per-layer", help="Also time each MoE layer (paper section 4.2)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every raw sample, the configuration and the machine as JSON."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: latency per system (median, p10-p90) and speedup, along each swept axis."),
