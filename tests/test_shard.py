@@ -24,6 +24,7 @@ from moeshard_cli.errors import UserError
 from moeshard_cli.shard.manifest import MANIFEST, check_files, read_shard_set
 from moeshard_cli.shard.plan import rank_file_name, slice_bounds
 from moeshard_cli.families.switch import EXPERT_KEY
+from moeshard_cli.families import families
 
 D_FF = 130  # tiny-switch
 
@@ -261,7 +262,7 @@ BAD_SOURCES = [
     ("no-config", _empty_dir, [], ["has no config.json", "save_pretrained"]),
     ("dense-t5", _dense_t5, [], ["dense t5 checkpoint with no experts", "use a checkpoint with experts"]),
     ("non-switch-bert", _bert, [], ["holds a bert model, which moeshard does not serve",
-                                    "use a checkpoint of a served family: mixtral, olmoe, qwen3_moe, switch_transformers"]),
+                                    "use a checkpoint of a served family: " + ", ".join(sorted(families()))]),
     ("truncated-safetensors", _damaged("safetensors", _truncate("model.safetensors", 0.6)), [],
      ["model.safetensors is truncated or corrupt", "download or copy that file again"]),
     ("truncated-safetensors-shard", _damaged("safetensors-sharded", _truncate("model-*.safetensors", 0.9)), [],
