@@ -35,9 +35,17 @@ def install_moe(family, model, make_moe: Callable[[int], nn.Module]) -> list[int
     return layers
 
 
-def split_expert_weights(family, state: dict[str, torch.Tensor]) -> dict[int, tuple[list, list, tuple | None]]:
-    """Pop the per-expert slices out of a state dict: {layer: ([[input matrices] per expert], [output per expert],
-    the shared expert's ([input matrices], output) or None)}."""
+def split_shared_weights(family, state: dict[str, torch.Tensor]) -> dict[int, tuple[list, torch.Tensor]]:
+    """Pop each layer's shared expert (Qwen2-MoE, DeepSeek) out of a state dict: {layer: ([input matrices], output)}."""
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    for key in list(state):
+        if (parsed := family.parse_expert_key(key)) and parsed[1] == SHARED_EXPERT:
+            found.setdefault(parsed[0], {})[parsed[2]] = state.pop(key)
+    return {layer: ([mats[m] for m in family.expert_inputs], mats[family.expert_output]) for layer, mats in found.items()}
+
+
+def split_expert_weights(family, state: dict[str, torch.Tensor]) -> dict[int, tuple[list, list]]:
+    """Pop the per-expert slices out of a state dict: {layer: ([[input matrices] per expert], [output per expert])}."""
     found: dict[int, dict[str, dict[int, torch.Tensor]]] = {}
     for key in list(state):
         if parsed := family.parse_expert_key(key):
@@ -45,10 +53,8 @@ def split_expert_weights(family, state: dict[str, torch.Tensor]) -> dict[int, tu
             found.setdefault(layer, {}).setdefault(matrix, {})[expert] = state.pop(key)
     split = {}
     for layer, mats in found.items():
-        shared = SHARED_EXPERT in mats[family.expert_output]
-        experts = sorted(mats[family.expert_output])[shared:]  # the shared expert's index sorts first
-        split[layer] = ([[mats[m][e] for m in family.expert_inputs] for e in experts], [mats[family.expert_output][e] for e in experts],
-                        ([mats[m][SHARED_EXPERT] for m in family.expert_inputs], mats[family.expert_output][SHARED_EXPERT]) if shared else None)
+        experts = sorted(mats[family.expert_output])
+        split[layer] = ([[mats[m][e] for m in family.expert_inputs] for e in experts], [mats[family.expert_output][e] for e in experts])
     return split
 
 
@@ -119,12 +125,12 @@ def sharded_model(shards: ShardSet, rank: int, device: torch.device, backend: st
     ctx, mlps = TokenContext(), {}
     model = family.meta_model(config)
     state = read_rank_file(shards, rank, device)
+    shared = split_shared_weights(family, state)  # first: split_expert_weights takes every expert key left
     experts = split_expert_weights(family, state)
 
     def make(layer):  # each layer's per-expert copies go as it is stacked
-        inputs_E, outputs_E, shared = experts.pop(layer)
-        dispatch = ShardedDispatch(sharded_experts(family, config, inputs_E, outputs_E, backend), comm, timer,
-                                   shared_expert(family, config, model, layer, shared, backend))
+        dispatch = ShardedDispatch(sharded_experts(family, config, *experts.pop(layer), backend), comm, timer,
+                                   shared_expert(family, config, model, layer, shared.pop(layer, None), backend))
         mlps[layer] = moe_module(family, config, dispatch, router, ctx, layer)
         return mlps[layer]
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from moeshard_cli.families import SHARED_EXPERT, builtin_family
-from moeshard_cli.model import shared_expert, sharded_experts, split_expert_weights
+from moeshard_cli.model import shared_expert, sharded_experts, split_expert_weights, split_shared_weights
 from moeshard_cli.moe.dispatch import ShardedDispatch
 from moeshard_cli.moe.experts import GroupedExperts, SharedExpert, stack_experts
 from moeshard_cli.moe.timing import SectionTimer
@@ -71,8 +71,9 @@ class Block:
         counts_E = torch.bincount(ids_TK.reshape(-1), minlength=self.family.dims(self.config).num_experts)
         total = torch.zeros_like(self.x_TD)
         for rank in range(world):
-            inputs_E, outputs_E, shared = split_expert_weights(self.family, self.rank_state(rank, world))[self.layer]
-            experts = sharded_experts(self.family, self.config, inputs_E, outputs_E, "loop")
+            state = self.rank_state(rank, world)
+            shared = split_shared_weights(self.family, state).get(self.layer)
+            experts = sharded_experts(self.family, self.config, *split_expert_weights(self.family, state)[self.layer], "loop")
             part = shared_expert(self.family, self.config, self.model, self.layer, shared, "loop")
             if shared_override is not None:
                 part = shared_override(rank)
