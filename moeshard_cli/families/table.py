@@ -93,8 +93,7 @@ def describe_layout(flags: dict | None) -> str:
     """What is left to serve a model type, in the words of transformers' layout flags."""
     if flags is None:
         return "experts without transformers' layout flags: needs a family of its own"
-    odd = [text for flag, text in (("has_bias", "biased"), ("is_transposed", "transposed [E, D, 2F]"),
-                                   ("has_gate", None), ("is_concatenated", None)) if text and flags[flag]]
+    odd = [text for flag, text in (("has_bias", "biased"), ("is_transposed", "transposed [E, D, 2F]")) if flags[flag]]
     if not flags["has_gate"]:
         odd.append("ungated (up/down only)")
     if not flags["is_concatenated"]:
