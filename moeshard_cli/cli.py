@@ -13,6 +13,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from moeshard_cli import __version__
+from moeshard_cli.choices import BUILTIN_MODELS, Dtype, complete_model
+from moeshard_cli.declare import command_options
+from moeshard_cli.run.options import RunOptions
 from moeshard_cli.shard.builtin import DEFAULT_MODEL
 from moeshard_cli.errors import Interrupted, UserError
 
@@ -22,6 +25,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: no boxes in pipes and docs, no `<bool>` after a flag
+    context_settings={"max_content_width": 120},  # as wide as the terminal, up to 120 columns (click stops at 80)
 )
 PIPED_WIDTH = 240
 
@@ -57,10 +62,10 @@ def root(
 
 @app.command()
 def shard(
-    source: str = typer.Argument(DEFAULT_MODEL, help="Hub id (google/switch-base-128, Qwen/Qwen3-30B-A3B), local checkpoint directory, shard set, or built-in name (tiny-switch, switch-base-8..256, tiny-qwen3-moe, qwen3-moe-mid, tiny-olmoe, olmoe-mid, tiny-mixtral, mixtral-mid, tiny-qwen2-moe, tiny-deepseek-v3, deepseek-v3-mid, tiny-deepseek-v2, tiny-phimoe)."),
+    source: str = typer.Argument(DEFAULT_MODEL, autocompletion=complete_model, help=f"Hub id (google/switch-base-128, Qwen/Qwen3-30B-A3B), local checkpoint directory, shard set, or built-in name ({', '.join(BUILTIN_MODELS)})."),
     gpus: int = typer.Option(..., "--gpus", "-n", help="Number of ranks (GPUs or CPU workers) to slice the experts for."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: ./moeshard-shards/<model>-w<gpus>)."),
-    dtype: str = typer.Option("float32", "--dtype", help="Data type of the rank files: float32, bfloat16 or float16."),
+    dtype: Dtype = typer.Option("float32", "--dtype", help="Data type of the rank files."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit) for hub ids."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing shard set in --out."),
 ):
@@ -75,49 +80,39 @@ def shard(
 
 
 @app.command()
-def run(
-    input: Path = typer.Option(..., "--input", "-i", help="UTF-8 text file, one document per line."),
-    shards: Optional[Path] = typer.Option(None, "--shards", help="Shard set directory (default: the one under ./moeshard-shards)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output file, .safetensors or .npy (default: INPUT.moeshard.safetensors); .csv with --score (default: INPUT.moeshard-scores.csv)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Lines per batch per worker."),
-    max_length: int = typer.Option(512, "--max-length", help="Truncate lines to this many tokens."),
-    window: int = typer.Option(8192, "--window", help="Lines read ahead and sorted by length together (rounded up to whole steps)."),
-    pooling: Optional[str] = typer.Option(None, "--pooling", help="mean or last: one embedding per line (default: mean for encoders, last for decoders); none: every token's hidden state plus offsets."),
-    score: bool = typer.Option(False, "--score", help="Decoder families: each line's log-likelihood (line, tokens, logprob, mean_nll) as CSV, instead of embeddings."),
-    normalize: bool = typer.Option(False, "--normalize", help="L2-normalize every output row."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (one GPU per rank, NCCL)."),
-    expert_backend: str = typer.Option("auto", "--expert-backend", help="auto, grouped_mm, loop or megablocks (CUDA, bfloat16)."),
-    attention: str = typer.Option("eager", "--attention", help="eager: transformers' own; fused: torch's scaled_dot_product_attention with T5's position bias (for GPUs; float32 may differ from transformers by ~1e-4..1e-3)."),
-    router: str = typer.Option("model", "--router", help="model: the checkpoint's router; skewed: the paper's benchmark router."),
-    skew: float = typer.Option(0.0, "--skew", help="Skewed router: extra probability mass of each hot expert."),
-    hot_experts: float = typer.Option(0.1, "--hot-experts", help="Skewed router: fraction of experts that are hot."),
-    seed: int = typer.Option(0, "--seed", help="Skewed router: seed of the token-to-expert draws."),
-    timeout: float = typer.Option(300.0, "--timeout", help="Seconds a collective may wait before the run fails."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check the rank files' sha256 (cached per file until it changes)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same command where it stopped."),
-    restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run of this output and start over."),
-    verify_partial: bool = typer.Option(False, "--verify-partial", help="With --resume: check every row already written against its checksum (by default the file's size, header and last steps)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures of the results table as JSON."),
-    nnodes: int = typer.Option(1, "--nnodes", help="Number of machines taking part."),
-    node_rank: int = typer.Option(0, "--node-rank", help="This machine's index; node 0 hosts the rendezvous and writes the output."),
-    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0's rendezvous (multi-node)."),
-):
-    """Encode a text file with one worker per rank of a shard set: embeddings, or per-line scores (--score)."""
+@command_options(RunOptions)  # every flag of `run` is declared once, in run/options.py
+def run(**flags):
+    """Encode a corpus with one worker per rank of a shard set: embeddings, or per-line scores (--score)."""
     from moeshard_cli.run.report import print_run_summary
-    from moeshard_cli.run.command import RunOptions, run as do_run
+    from moeshard_cli.run.command import run as do_run
+    from moeshard_cli.shard.cache import settle_shards
+    from moeshard_cli.ui import byte_progress
 
-    opts = RunOptions(
-        input=input, shards=shards, output=output, batch_size=batch_size, max_length=max_length, window=window, pooling=pooling, score=score,
-        normalize=normalize, device=device, backend=expert_backend, attention=attention, router=router, skew=skew, hot_experts=hot_experts, seed=seed,
-        timeout=timeout, verify=verify, resume=resume, restart=restart, verify_partial=verify_partial, json_path=json_path, nnodes=nnodes,
-        node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, debug=STATE["debug"], show_progress=console.is_terminal,
-    )
+    opts = RunOptions(**flags, debug=STATE["debug"], show_progress=console.is_terminal)
+    with byte_progress(console, "sharding") as progress:  # seen only when --model cuts a set on first use
+        settle_shards(opts, progress, on_cut=_print_cut, note=lambda line: err_console.print(f"note: {escape(line)}"))
     summary = do_run(opts)
-    print_run_summary(console, summary)
-    if json_path and summary.result is not None:  # only the node that hosts rank 0 has the figures
-        from moeshard_cli.files import write_json_atomic
+    print_run_summary(err_console if str(opts.json_path) == "-" else console, summary)  # --json -: stdout holds only the JSON
+    if opts.json_path and summary.result is not None:  # only the node that hosts rank 0 has the figures
+        write_json_or_stdout(opts.json_path, summary.figures())
 
-        write_json_atomic(json_path, summary.figures())
+
+def write_json_or_stdout(path: Path, obj) -> None:
+    """--json FILE, written atomically; --json - prints it on standard output."""
+    if str(path) == "-":
+        import json
+
+        sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+        sys.stdout.flush()
+        return
+    from moeshard_cli.files import write_json_atomic
+
+    write_json_atomic(path, obj)
+
+
+def _print_cut(result) -> None:
+    err_console.print(f"cut {escape(result.source.label)} for {result.world} workers ({result.dtype}) into {escape(str(result.out))} "
+                  f"in {result.seconds:.1f} s: first use, later runs reuse it")
 
 
 @app.command()

@@ -18,7 +18,7 @@ from moeshard_cli.run.report import print_run_summary
 from moeshard_cli.shard.report import print_shard_summary
 from moeshard_cli.ui import byte_progress
 from moeshard_cli.run.command import RunOptions, run
-from moeshard_cli.run.inputs import read_windows, tokenize
+from moeshard_cli.run.inputs import input_spec, read_windows, tokenize
 from moeshard_cli.shard.command import ShardOptions, shard
 
 TOLERANCE = 1e-4
@@ -37,7 +37,7 @@ def run_demo(console: Console, gpus: int, out: Path, debug: bool = False) -> flo
 
     output = out / "sample.moeshard.safetensors"
     console.rule(f"2. moeshard run --shards {shards_dir} --input {corpus.name} --batch-size 4")
-    summary = run(RunOptions(input=corpus, shards=shards_dir, output=output, batch_size=4, debug=debug, restart=True,
+    summary = run(RunOptions(input=corpus, shards=shards_dir, output=output, batch_size=4, debug=debug, restart=True, force=True,
                              show_progress=console.is_terminal,
                              argv=["run", "--shards", str(shards_dir), "--input", str(corpus), "--output", str(output), "--batch-size", "4"]))
     print_run_summary(console, summary)
@@ -45,7 +45,7 @@ def run_demo(console: Console, gpus: int, out: Path, debug: bool = False) -> flo
     console.rule("3. check against transformers' SwitchTransformersEncoderModel in one process, dropless")
     shards = read_shard_set(shards_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(shards_dir))
-    ids, _ = tokenize([t for w in read_windows(corpus, 1 << 20) for t in w.texts], tokenizer, 512)
+    ids, _ = tokenize([t for w in read_windows(input_spec(corpus), 1 << 20) for t in w.texts], tokenizer, 512)
     expected = torch.stack(reference_outputs(shards.family, reference_model(shards), ids))
     err = (load_file(str(output))["embeddings"] - expected).abs().max().item()
     verdict = "[green]match[/]" if err <= TOLERANCE else "[red]MISMATCH[/]"

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from moeshard_cli.choices import DEVICES
 from moeshard_cli.errors import Interrupted, UserError
 
 MAX_CPU_WORKERS_PER_CORE = 4
@@ -62,7 +64,6 @@ def resolve_host(host: str) -> str:
                         "check the name, or give node 0's IP address, e.g. --rdzv-endpoint 10.0.0.5:29400") from None
 
 
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def check_device(requested: str) -> None:
@@ -132,7 +133,7 @@ def launch(entrypoint, job, world: int, nnodes: int = 1, node_rank: int = 0, end
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     payload = pickle.dumps((entrypoint, job))  # unpickled by the worker once it is tied to this process
     try:
-        with where, _worker_sockets_on(where), _temporary_files_in(log_dir), _workers_start_with_sigint_blocked():
+        with where, _worker_sockets_on(where), _temporary_files_in(log_dir), _workers_start_with_sigint_blocked(), _workers_skip_main_module():
             returned = elastic_launch(config, as_node_rank)(payload, node_rank)
     except SignalException as exc:
         shutil.rmtree(log_dir, ignore_errors=True)
@@ -149,8 +150,9 @@ def launch(entrypoint, job, world: int, nnodes: int = 1, node_rank: int = 0, end
         rank, reason = node_rank * local + failure.local_rank, describe_failure(failure)  # reads the error file: before _keep moves it
         raise UserError(f"worker rank {rank} failed: {reason}", f"the whole run was stopped; worker logs are in {_keep(log_dir)}") from exc
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)  # the launcher installs its own for the duration
+        if threading.current_thread() is threading.main_thread():  # a pool launches from a thread, where torch installs none
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)  # the launcher installs its own for the duration
     shutil.rmtree(log_dir, ignore_errors=True)
     # the launcher numbers ranks by its own node order; the workers ran with node_rank's
     return {node_rank * local + r % local: value for r, value in returned.items()}
@@ -234,6 +236,11 @@ def _store(address: str, port: int, listen_fd: int | None, timeout: timedelta):
 def _workers_store(bind: str, timeout: timedelta):
     with _listening_socket(bind, 0) as sock:
         return _store(bind, sock.getsockname()[1], sock.fileno(), timeout)
+
+
+def loopback_store(timeout: timedelta):
+    """A TCPStore server on a free port of 127.0.0.1 (a worker pool's job queue)."""
+    return _workers_store("127.0.0.1", timeout)
 
 
 def _rendezvous_handler(params):
@@ -323,6 +330,19 @@ def _temporary_files_in(log_dir: str):
         yield
     finally:
         tempfile.tempdir = before
+
+
+@contextmanager
+def _workers_skip_main_module():
+    """Spawned workers re-run the parent's main script unless it is hidden while they start: a Python
+    script calling the API (api.py) without `if __name__ == "__main__"` would start workers from
+    every worker. They need nothing of it: their entry point and job are moeshard's."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 @contextmanager

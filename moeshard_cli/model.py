@@ -44,18 +44,14 @@ def split_shared_weights(family, state: dict[str, torch.Tensor]) -> dict[int, tu
     return {layer: ([mats[m] for m in family.expert_inputs], mats[family.expert_output]) for layer, mats in found.items()}
 
 
-def split_expert_weights(family, state: dict[str, torch.Tensor]) -> dict[int, tuple[list, list]]:
-    """Pop the per-expert slices out of a state dict: {layer: ([[input matrices] per expert], [output per expert])}."""
+def split_expert_weights(family, state: dict[str, torch.Tensor]) -> dict[int, dict[str, list[torch.Tensor]]]:
+    """Pop the per-expert slices out of a state dict: {layer: {matrix: [one tensor per expert]}}."""
     found: dict[int, dict[str, dict[int, torch.Tensor]]] = {}
     for key in list(state):
         if parsed := family.parse_expert_key(key):
             layer, expert, matrix = parsed
             found.setdefault(layer, {}).setdefault(matrix, {})[expert] = state.pop(key)
-    split = {}
-    for layer, mats in found.items():
-        experts = sorted(mats[family.expert_output])
-        split[layer] = ([[mats[m][e] for m in family.expert_inputs] for e in experts], [mats[family.expert_output][e] for e in experts])
-    return split
+    return {layer: {m: [by_expert[e] for e in sorted(by_expert)] for m, by_expert in mats.items()} for layer, mats in found.items()}
 
 
 def assign_weights(family, model, state: dict[str, torch.Tensor]) -> None:
@@ -80,9 +76,13 @@ def read_rank_file(shards: ShardSet, rank: int, device: torch.device) -> dict[st
     return {k: entry.load().to(device) for k, entry in safetensors_entries(shards.rank_file(rank)).items()}
 
 
-def sharded_experts(family, config, inputs_E: list, outputs_E: list, backend: str) -> GroupedExperts:
-    """One layer's slices of every expert, stacked for grouped matmuls (the per-expert copies can go)."""
-    return GroupedExperts(*stack_experts(inputs_E, outputs_E), family.act(config), backend)
+def sharded_experts(family, config, mats: dict[str, list[torch.Tensor]], backend: str) -> GroupedExperts:
+    """One layer's slices of every expert, stacked for grouped matmuls (the per-expert copies can go).
+    A family with biases or another layout (GPT-OSS) stacks its own (`grouped_experts`)."""
+    if hasattr(family, "grouped_experts"):
+        return family.grouped_experts(config, mats, backend)
+    inputs_E = [list(mats_e) for mats_e in zip(*(mats[m] for m in family.expert_inputs))]
+    return GroupedExperts(*stack_experts(inputs_E, mats[family.expert_output]), family.act(config), backend)
 
 
 def shared_expert(family, config, model, layer: int, weights: tuple | None, backend: str) -> SharedExpert | None:
@@ -129,7 +129,7 @@ def sharded_model(shards: ShardSet, rank: int, device: torch.device, backend: st
     experts = split_expert_weights(family, state)
 
     def make(layer):  # each layer's per-expert copies go as it is stacked
-        dispatch = ShardedDispatch(sharded_experts(family, config, *experts.pop(layer), backend), comm, timer,
+        dispatch = ShardedDispatch(sharded_experts(family, config, experts.pop(layer), backend), comm, timer,
                                    shared_expert(family, config, model, layer, shared.pop(layer, None), backend))
         mlps[layer] = moe_module(family, config, dispatch, router, ctx, layer)
         return mlps[layer]
@@ -142,13 +142,7 @@ def sharded_model(shards: ShardSet, rank: int, device: torch.device, backend: st
 
 # ---------------------------------------------------------------- attention
 
-ATTENTIONS = ("eager", "fused")
 _FUSED = "moeshard_fused"  # a name without "sdpa": transformers refuses sdpa for Switch, which has no support flag
-
-
-def check_attention(name: str) -> None:
-    if name not in ATTENTIONS:
-        raise ValueError(f"{name} is unknown")
 
 
 def use_attention(family, model, name: str) -> None:

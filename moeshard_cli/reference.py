@@ -13,7 +13,7 @@ from moeshard_cli.model import read_rank_file
 from moeshard_cli.moe.layer import skewed_routing, token_ids_for
 from moeshard_cli.moe.routing import RouterSpec, route
 from moeshard_cli.shard.manifest import ShardSet
-from moeshard_cli.shard.plan import join_slices
+from moeshard_cli.shard.plan import join_rank_parts
 
 
 def reassemble_state(shards: ShardSet) -> dict[str, torch.Tensor]:
@@ -22,8 +22,8 @@ def reassemble_state(shards: ShardSet) -> dict[str, torch.Tensor]:
     parts = [read_rank_file(shards, rank, torch.device("cpu")) for rank in range(shards.world_size)]
     full = parts[0]
     for key in full:
-        if parsed := family.parse_expert_key(key):
-            full[key] = join_slices([part[key] for part in parts], family.sliced_dim(parsed[2]))
+        if family.parse_expert_key(key):
+            full[key] = join_rank_parts(family, key, [part[key] for part in parts if key in part])
     return full
 
 

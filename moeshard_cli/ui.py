@@ -12,8 +12,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 
 def progress_bar(label: str, *columns, console: Console | None = None) -> Progress:
-    """A transient bar: bold label, bar, then `columns` (counts, rates, time). Start it with `.start()`."""
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), *columns, console=console, transient=True)
+    """A transient bar: bold label, bar, then `columns` (counts, rates, time). Start it with `.start()`.
+    Off a terminal it draws nothing (a transient bar left an empty line at the top of piped output)."""
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), *columns, console=console, transient=True,
+                    disable=console is not None and not console.is_terminal)
 
 
 @contextmanager

@@ -377,7 +377,7 @@ def test_score_refusals_are_one_line(tmp_path, shard_sets, switch_set, corpus, c
     needles = {
         "score-on-switch": ["--score needs a decoder family", "switch_transformers", "drop --score"],
         "score-with-pooling": ["--score and --pooling mean exclude each other", "drop --pooling"],
-        "score-into-safetensors": ["--output", str(output), "scores go to .csv", ".csv for --score"],
+        "score-into-safetensors": ["--output", str(output), "is a .safetensors file, which cannot hold scores", ".jsonl or .csv for scores"],
     }[case]
     assert all(n in line for n in needles), line
     assert list(tmp_path.iterdir()) == []

@@ -73,7 +73,7 @@ class Block:
         for rank in range(world):
             state = self.rank_state(rank, world)
             shared = split_shared_weights(self.family, state).get(self.layer)
-            experts = sharded_experts(self.family, self.config, *split_expert_weights(self.family, state)[self.layer], "loop")
+            experts = sharded_experts(self.family, self.config, split_expert_weights(self.family, state)[self.layer], "loop")
             part = shared_expert(self.family, self.config, self.model, self.layer, shared, "loop")
             if shared_override is not None:
                 part = shared_override(rank)

@@ -7,13 +7,15 @@ served family must have the tests that prove it exact, and a refused model type 
 
 from __future__ import annotations
 
+import importlib
 import json
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO, invoke
 from moeshard_cli.families import builtin_family, families
-from moeshard_cli.families.table import BEGIN, END, REFUSED, render_table, rows
+from moeshard_cli.families.table import BEGIN, END, EXACTNESS_TESTS, REFUSED, render_table, rows
 from test_run import error_line
 
 
@@ -33,6 +35,11 @@ def test_every_served_family_has_an_exactness_test():
     for model_type, family in families().items():
         if not family.decoder:
             assert hasattr(test_run, "test_embeddings_match_transformers")
+            continue
+        if model_type in EXACTNESS_TESTS:  # a module of its own (GPT-OSS): its MATRIX of (world, mode) and a slice check
+            own = importlib.import_module(Path(EXACTNESS_TESTS[model_type].split()[0]).stem)
+            assert {mode for _, mode in own.MATRIX} == {"last", "mean", "score"}, f"{model_type} lacks a run test of each output"
+            assert {w % 2 for w, _ in own.MATRIX} == {0, 1} and hasattr(own, "test_rank_slices_sum_to_transformers_experts")
             continue
         cases = [(world, mode) for model, world, mode in test_families.MATRIX if builtin_family(model) is family]
         assert {mode for _, mode in cases} == {"last", "mean", "score"}, f"{model_type} lacks a run test of each output"

@@ -11,7 +11,7 @@ import pytest
 
 from moeshard_cli.errors import Interrupted, UserError
 from moeshard_cli.run import outputs
-from moeshard_cli.run.output_life import RECENT_STEPS, OutputLife, RunIdentity
+from moeshard_cli.run.output_life import RECENT_STEPS, AlreadyComplete, OutputLife, RunIdentity
 from moeshard_cli.run.outputs import RowWriter
 
 LINES, D, PER_STEP = 48, 4, 2  # one window of 48 lines, 24 steps of 2 lines each
@@ -30,7 +30,7 @@ def step_lines(step: int) -> list[int]:
 def begin(output, fmt: str = "safetensors", pooling: str = "mean", width: int = D, **flags) -> tuple[OutputLife, outputs.OutputLayout]:
     life = OutputLife(output, **flags)
     life.claim(LINES)
-    start = life.start(IDENTITY, outputs.plan_layout(output, fmt, pooling, LINES, width, {"k": "v"}))
+    start = life.start(IDENTITY, outputs.plan_layout(output, fmt, pooling, LINES, width, {"run_fingerprint": IDENTITY.digest}))
     return life, start
 
 
@@ -104,7 +104,7 @@ def test_a_damaged_partial_is_refused_on_resume(tmp_path, damage, what):
     output = tmp_path / "o.safetensors"
     stopped_after(output, 3)
     partial = outputs.partial_path(output)
-    damage(partial, outputs.plan_layout(output, "safetensors", "mean", LINES, D, {"k": "v"}))
+    damage(partial, outputs.plan_layout(output, "safetensors", "mean", LINES, D, {"run_fingerprint": IDENTITY.digest}))
     with pytest.raises(UserError) as info:
         resume(output)
     line = info.value.line()
@@ -116,7 +116,7 @@ def test_every_step_is_checked_with_verify_all(tmp_path):
     """By default the last steps are checked; an older damaged row is found with --verify-partial."""
     output = tmp_path / "o.safetensors"
     stopped_after(output, RECENT_STEPS + 4)
-    garbage_over_a_row(outputs.partial_path(output), outputs.plan_layout(output, "safetensors", "mean", LINES, D, {"k": "v"}))
+    garbage_over_a_row(outputs.partial_path(output), outputs.plan_layout(output, "safetensors", "mean", LINES, D, {"run_fingerprint": IDENTITY.digest}))
     life, start = resume(output)
     life.close()
     assert start.position.step == RECENT_STEPS + 4
@@ -124,17 +124,54 @@ def test_every_step_is_checked_with_verify_all(tmp_path):
         resume(output, verify_all=True)
 
 
-def test_resume_on_a_finished_output_says_it_is_complete(tmp_path):
+def test_a_finished_output_is_refused_without_force_and_complete_for_its_own_resume(tmp_path):
     output = tmp_path / "o.safetensors"
     life, start = begin(output)
     write_steps(start, range(LINES // PER_STEP))
     life.finish(5 * LINES)
     life.close()
     before = output.read_bytes()
+    with pytest.raises(AlreadyComplete):  # the same run: nothing to do, exit 0
+        OutputLife(output, resume=True).claim(LINES, IDENTITY.digest)
     with pytest.raises(UserError) as info:
-        OutputLife(output, resume=True).claim(LINES)
-    assert info.value.problem == f"--resume: {output} is complete, there is nothing to resume"
+        OutputLife(output, resume=True).claim(LINES, "digest-of-another-run")
+    assert info.value.problem == f"--resume: {output} is a finished output of another run (other input, shard set or options)"
+    for flags in ({}, {"restart": True}):
+        with pytest.raises(UserError) as info:
+            OutputLife(output, **flags).claim(LINES, IDENTITY.digest)
+        assert info.value.line() == f"--output {output} exists (a finished output): pass --force to replace it, or choose another --output"
     assert output.read_bytes() == before
+    OutputLife(output, force=True).claim(LINES, IDENTITY.digest)
+
+
+@pytest.mark.parametrize("name", ["o.parquet", "o.jsonl"])
+@pytest.mark.parametrize("pooling", ["mean", "score"])
+def test_staged_outputs_hold_ids_and_rows_for_pandas(tmp_path, name, pooling):
+    """.parquet and .jsonl are written whole at the end from the raw partial rows (which resume as any
+    other's), with each line's id; pandas reads them as the rows were written."""
+    import pandas as pd
+
+    output = tmp_path / name
+    width = 3 if pooling == "score" else D
+    rows = (lambda line: np.array([[line + 1, -line - 0.5, np.nan if line == 0 else line / 2]], dtype="<f4")) if pooling == "score" else rows_of
+    life, start = begin(output, name.split(".")[1], pooling, width)
+    write_steps(start, range(LINES // 2), rows=rows)
+    life.close()
+    life, start = resume(output)  # stopped half way, resumed
+    write_steps(start, range(LINES // 2, LINES // PER_STEP), window_record=False, rows=rows)
+    life.finish(5 * LINES, iter(f"doc-{i}" for i in range(LINES)))
+    life.close()
+    table = pd.read_parquet(output) if name.endswith(".parquet") else pd.read_json(output, lines=True)
+    assert table["id"].tolist() == [f"doc-{i}" for i in range(LINES)]
+    expected = np.concatenate([rows(line) for line in range(LINES)])
+    if pooling == "score":
+        assert table.columns.tolist() == ["id", "tokens", "logprob", "mean_nll"] and table["tokens"].tolist() == list(range(1, LINES + 1))
+        assert np.allclose(table[["logprob", "mean_nll"]].to_numpy(np.float64), expected[:, 1:], equal_nan=True)
+    else:
+        assert table.columns.tolist() == ["id", "embedding"]
+        assert np.array_equal(np.stack(table["embedding"].to_numpy()).astype("<f4"), expected)  # exact: float32 round-trips
+    assert outputs.recorded_digest(output) == IDENTITY.digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name] + ([f"{name}.json"] if name.endswith(".jsonl") else []))
 
 
 def test_resume_with_nothing_to_resume_says_so(tmp_path):

@@ -28,6 +28,7 @@ from moeshard_cli.shard.manifest import MANIFEST, read_shard_set
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.reference import reference_model, reference_outputs
 from moeshard_cli.launch import MAX_CPU_WORKERS_PER_CORE
+from moeshard_cli.run.schedule import round_window
 
 pytestmark = pytest.mark.slow
 
@@ -73,12 +74,14 @@ class Result:
     json: Path | None
 
 
-def start(args, log: Path, cwd: Path | None = None, env: dict | None = None, python: list[str] | None = None):
-    """`moeshard ARGS` (or `python PYTHON ARGS`) in a subprocess whose stdout/stderr go to files (no pipe to fill)."""
+def start(args, log: Path, cwd: Path | None = None, env: dict | None = None, python: list[str] | None = None, stdin: Path | None = None):
+    """`moeshard ARGS` (or `python PYTHON ARGS`) in a subprocess whose stdout/stderr go to files (no pipe to fill);
+    standard input is the file `stdin` (else none)."""
     out, err = open(log.with_suffix(".out"), "w"), open(log.with_suffix(".err"), "w")
     argv = [sys.executable, *(python or ["-m", "moeshard_cli"]), *map(str, args)]
-    proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, "COLUMNS": "200", **(env or {})}, stdout=out, stderr=err,
-                            text=True, start_new_session=True)
+    with open(stdin or os.devnull, "rb") as feed:
+        proc = subprocess.Popen(argv, cwd=cwd, env={**os.environ, "COLUMNS": "200", **(env or {})}, stdout=out, stderr=err,
+                                stdin=feed, text=True, start_new_session=True)
     return proc, out, err
 
 
@@ -102,7 +105,7 @@ def run_groups(groups: dict[str, list[dict]], parallel: int = 3, timeout: float 
             name, cmds = pending.pop(0)
             procs = []
             for cmd in cmds:
-                procs.append((start(cmd["args"], cmd["log"], cmd.get("cwd"), cmd.get("env"), cmd.get("python")), cmd))
+                procs.append((start(cmd["args"], cmd["log"], cmd.get("cwd"), cmd.get("env"), cmd.get("python"), cmd.get("stdin")), cmd))
                 time.sleep(cmd.get("then_wait", 0))
             running.append((name, time.perf_counter(), procs))
         for item in list(running):
@@ -194,9 +197,26 @@ def shard_sets(place) -> dict[int, Path]:
 
 @pytest.fixture(scope="module")
 def corpora(place) -> dict[str, Path]:
-    paths = {"main": place / "corpus.txt", "few": place / "few.txt"}
+    """CORPUS as text, and in the other formats that take a different reader in the workers: zstd
+    .jsonl with ids, gzip .csv without, .parquet with an id column of its own name."""
+    import csv
+    import gzip
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    paths = {"main": place / "corpus.txt", "few": place / "few.txt", "jsonl.zst": place / "corpus.jsonl.zst",
+             "csv.gz": place / "corpus.csv.gz", "parquet": place / "corpus.parquet"}
     paths["main"].write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
     paths["few"].write_text("\n".join(FEW), encoding="utf-8")  # no final newline
+    jsonl = "".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate(CORPUS))
+    paths["jsonl.zst"].write_bytes(zstandard.ZstdCompressor().compress(jsonl.encode()))
+    table = io.StringIO()
+    csv.writer(table).writerows([["text"], *[[t] for t in CORPUS]])
+    paths["csv.gz"].write_bytes(gzip.compress(table.getvalue().encode()))
+    pq.write_table(pa.table({"key": [100 + i for i in range(len(CORPUS))], "text": CORPUS}), paths["parquet"], row_group_size=5)
     return paths
 
 
@@ -266,6 +286,14 @@ def runs(place, shard_sets, corpora) -> dict[str, list[Result]]:
     for name, output, extra in (("npy", out / "w2.npy", []), ("normalized", out / "w2-normalized.safetensors", ["--normalize"]),
                                 ("fused", out / "w2-fused.safetensors", ["--attention", "fused"])):
         groups[name] = [{"args": run_args(corpora["main"], output, "--shards", shard_sets[2], *extra), "log": out / name, "env": env, "output": output}]
+    # one run per reader path in the workers, each against the .txt run of its world size; the
+    # last one reads standard input, writes its figures to stdout (--json -) and the table to stderr
+    for name, corpus, world, output, extra in (
+            ("jsonl-zst", corpora["jsonl.zst"], 2, out / "from-jsonl.parquet", []),
+            ("csv-gz", corpora["csv.gz"], 4, out / "from-csv.jsonl", []),
+            ("stdin-parquet", "-", 1, out / "from-stdin.npy", ["--input-format", "parquet", "--id-column", "key", "--json", "-"])):
+        groups[name] = [{"args": run_args(corpus, output, "--shards", shard_sets[world], *extra), "log": out / name, "env": env,
+                         "output": output, "stdin": corpora["parquet"] if corpus == "-" else None}]
     output = out / "few.safetensors"
     groups["few"] = [{"args": ["run", "--shards", shard_sets[4], "--input", corpora["few"], "--output", output, "--batch-size", 1],
                       "log": out / "few", "env": env, "output": output}]
@@ -390,6 +418,51 @@ def test_fewer_lines_than_workers(runs, reference):
     assert (tensors["embeddings"] - torch.stack(reference(4, RouterSpec(), FEW))).abs().max().item() <= TOL
 
 
+# ---------------------------------------------------------------- other input formats, other outputs
+
+
+def test_every_reader_gives_the_text_runs_rows_with_their_ids(runs, corpora):
+    """.jsonl.zst -> .parquet, .csv.gz -> .jsonl, parquet on standard input -> .npy: the rows of the .txt
+    run of the same world size, bit for bit, and the ids of the records (or their numbers)."""
+    import numpy as np
+    import pandas as pd
+
+    for name, base, ids in (("jsonl-zst", "w2-model", [f"doc-{i}" for i in range(len(CORPUS))]),
+                            ("csv-gz", "w4-model", list(range(len(CORPUS)))), ("stdin-parquet", "w1-model", None)):
+        (result,) = runs[name]
+        succeeded(result)
+        expected = read_output(runs[base][0].output)[0]["embeddings"].numpy()
+        if result.output.suffix == ".npy":
+            rows = np.load(result.output)
+        else:
+            table = pd.read_parquet(result.output) if result.output.suffix == ".parquet" else pd.read_json(result.output, lines=True)
+            assert table.columns.tolist() == ["id", "embedding"] and table["id"].tolist() == ids
+            rows = np.stack(table["embedding"].to_numpy()).astype(np.float32)
+        assert np.array_equal(rows, expected), name
+    (stdin,) = runs["stdin-parquet"]
+    fig = json.loads(stdin.out)  # --json -: standard output holds the JSON alone, the table went to stderr
+    assert fig["lines"] == len(CORPUS) and "expert load" in stdin.err
+    record = json.loads(Path(f"{stdin.output}.json").read_text())  # .npy's metadata, beside it
+    assert record["input"] | {"sha256": None} == {"path": "-", "format": "parquet", "compression": None, "text_field": "text", "id_field": "key",
+                                                   "sha256": None, "bytes": corpora["parquet"].stat().st_size, "records": len(CORPUS)}
+    assert not [p for p in stdin.output.parent.iterdir() if ".stdin-" in p.name]  # the spooled input is gone
+
+
+def test_a_finished_output_is_refused_and_its_own_resume_is_complete(runs, shard_sets, corpora):
+    (result,) = runs["w2-model"]
+    before = result.output.read_bytes()
+    args = run_args(corpora["main"], result.output, "--shards", shard_sets[2])
+    code, out, err = invoke(args)
+    assert code == 2 and error_line(err) == f"error: --output {result.output} exists (a finished output): pass --force to replace it, or choose another --output"
+    code, out, err = invoke([*args, "--resume"])  # the same input, shard set and options: nothing to do
+    assert code == 0 and out == "" and err.strip() == f"{result.output} is already complete (same input, shard set and options): nothing to resume"
+    code, _, err = invoke([*args, "--resume", "--normalize"])
+    assert code == 2 and "is a finished output of another run" in error_line(err)
+    code, _, err = invoke([*args[:1], "--input", "-", *args[3:], "--resume"])
+    assert code == 2 and error_line(err).startswith("error: --resume cannot continue a run that read standard input")
+    assert result.output.read_bytes() == before
+
+
 # ---------------------------------------------------------------- what the run reports
 
 
@@ -400,10 +473,24 @@ def test_header_json_and_summary(runs, shard_sets, tokenizer, world, router):
     _, meta = read_output(result.output)
     auto = (world, router) == (1, "model")
     shards = Path("moeshard-shards/tiny-switch-w1") if auto else shard_sets[world]
+    home = shard_sets[1].parents[1]
     assert meta["source"] == "tiny-switch"
-    assert Path(meta["shards"]) == shards
+    assert Path(meta["shards"]) == (home / shards if auto else shards).resolve()
     assert meta["world_size"] == str(world) and meta["dtype"] == "float32"
     assert meta["router"] == router and meta["max_length"] == str(MAX_LENGTH)
+    # the typed record: every option that changes the output, JSON's types, absolute paths
+    record = json.loads(meta["moeshard"])
+    assert record["options"] == {"input_format": None, "text_field": "text", "id_field": None, "batch_size": BATCH, "max_length": MAX_LENGTH,
+                                 "window": round_window(8192, BATCH, world),
+                                 "pooling": "none" if (world, router) == (3, "model") else "mean", "score": False, "normalize": False,
+                                 "device": "cpu", "expert_backend": "auto", "attention": "eager", "router": router,
+                                 "skew": SKEW.skew if router == "skewed" else 0.0, "hot_experts": 0.1, "seed": 0}
+    assert record["model"] == {"source": "tiny-switch", "source_kind": "builtin", "source_revision": None, "family": "switch_transformers",
+                               "dtype": "float32"}
+    assert record["input"]["path"] == str(result.output.parents[1] / "corpus.txt") and record["input"]["records"] == len(CORPUS)
+    assert record["shards"]["path"] == meta["shards"] and record["output"] == {"format": "safetensors", "rows": len(CORPUS),
+                                                                               "row": record["options"]["pooling"]}
+    assert record["moeshard_version"] == meta["moeshard_version"] and record["run_fingerprint"] == meta["run_fingerprint"]
 
     full = tokenizer(CORPUS)["input_ids"]
     ids = tokenizer(CORPUS, truncation=True, max_length=MAX_LENGTH)["input_ids"]
@@ -435,7 +522,12 @@ def test_header_json_and_summary(runs, shard_sets, tokenizer, world, router):
 
     assert f"{len(CORPUS)} ({truncated} truncated)" in result.out
     assert str(result.output.name) in result.out and "expert load" in result.out
-    assert result.err.strip() == ""
+    cut = [i + 1 for i, r in enumerate(full) if len(r) > MAX_LENGTH]  # the data's surprises, said on stderr, lines counted from 1
+    assert result.err.splitlines() == [
+        "warning: 3 empty lines (lines 1, 7, 14), encoded as the tokenizer's empty input: the output keeps one row per line",
+        "warning: 1 whitespace-only line (line 17), encoded as they are",
+        f"warning: {truncated} lines longer than --max-length {MAX_LENGTH} tokens, cut to it (lines {', '.join(map(str, cut))})",
+    ]
 
 
 # ---------------------------------------------------------------- two nodes
@@ -459,13 +551,14 @@ def test_two_nodes_give_the_one_node_output(runs):
 # ---------------------------------------------------------------- found without --shards
 
 
-def test_several_shard_sets_are_listed(tmp_path, corpora):
-    for name in ("tiny-switch-w2", "tiny-switch-w4"):
+def test_no_fitting_shard_set_is_one_line(tmp_path, corpora):
+    """Of several sets `run` takes the newest (tests/test_api.py); none for --gpus is named with the fix."""
+    for name, world in (("tiny-switch-w2", 2), ("tiny-switch-w4", 4)):
         (tmp_path / "moeshard-shards" / name).mkdir(parents=True)
-        (tmp_path / "moeshard-shards" / name / MANIFEST).write_text("{}")
-    code, _, err = invoke(["run", "--input", corpora["main"], "--output", tmp_path / "o.safetensors"], cwd=tmp_path)
+        (tmp_path / "moeshard-shards" / name / MANIFEST).write_text(json.dumps({"world_size": world}))
+    code, _, err = invoke(["run", "--input", corpora["main"], "--gpus", 3, "--output", tmp_path / "o.safetensors"], cwd=tmp_path)
     line = error_line(err)
-    assert code == 2 and "several shard sets found" in line and "tiny-switch-w2" in line and "tiny-switch-w4" in line and "--shards" in line
+    assert code == 2 and "no shard set for 3 workers" in line and "tiny-switch-w2" in line and "tiny-switch-w4" in line and "--model" in line
     code, _, err = invoke(["run", "--input", corpora["main"]], cwd=tmp_path / "moeshard-shards")
     assert code == 2 and "no shard set found" in error_line(err)
 
@@ -477,7 +570,9 @@ def test_a_failing_worker_is_named_not_its_peer(runs, place):
     (result,) = runs["failing-rank"]
     assert not list(place.glob("pytorch-errorfile-*")), "torch's error files were left in the temporary folder"
     assert result.code == 2
-    line = error_line(result.err)
+    warnings = [l for l in result.err.splitlines() if l.startswith("warning: ")]
+    assert len(warnings) == 2 and "empty lines" in warnings[0]  # the corpus's, said before the work
+    line = error_line("\n".join(l for l in result.err.splitlines() if not l.startswith("warning: ")))
     assert "worker rank 1 failed: ValueError: injected failure" in line and "logs are in" in line
     # it failed in its second step: the first one's rows are kept for --resume, under hidden names only
     assert "lines are saved; continue with" in line and "--resume`" in line

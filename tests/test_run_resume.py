@@ -108,7 +108,8 @@ def worker_of(run: Run, local_rank: int) -> psutil.Process | None:
 
 
 def one_error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
+    """The one error line; the warnings about the corpus's empty lines, said before the work, may precede it."""
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning: ")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("error: ")
     return lines[0]

@@ -16,8 +16,8 @@ from transformers import ByT5Tokenizer
 from moeshard_cli.errors import UserError
 from moeshard_cli.run import outputs
 from moeshard_cli.run.command import RunOptions
-from moeshard_cli.run.feed import Position
-from moeshard_cli.run.inputs import read_windows, scan_input, tokenize
+from moeshard_cli.run.outputs import Position
+from moeshard_cli.run.inputs import input_spec, read_windows, scan_input, tokenize
 from moeshard_cli.run.schedule import plan_window, round_window, spread, step_tokens
 
 # ---------------------------------------------------------------- schedule
@@ -96,20 +96,20 @@ def test_round_window_is_whole_steps(window, batch, world, expected):
 def test_lines_keep_empty_lines_and_strip_the_newline(tmp_path, data, lines):
     path = tmp_path / "in.txt"
     path.write_bytes(data)
-    info = scan_input(path)
+    info = scan_input(input_spec(path))
     assert info.lines == len(lines) and info.bytes == len(data)
     for window in (1, 2, 100):
-        assert [t for w in read_windows(path, window) for t in w.texts] == lines
+        assert [t for w in read_windows(input_spec(path), window) for t in w.texts] == lines
 
 
 def test_windows_restart_at_a_recorded_byte_offset(tmp_path):
     path = tmp_path / "in.txt"
     texts = [f"line {i} " + "\u00e9" * (i % 7) for i in range(23)]
     path.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    windows = list(read_windows(path, 5))
+    windows = list(read_windows(input_spec(path), 5))
     assert [w.index for w in windows] == [0, 1, 2, 3, 4] and [len(w.texts) for w in windows] == [5, 5, 5, 5, 3]
     assert windows[-1].byte_end == path.stat().st_size
-    again = list(read_windows(path, 5, windows[2].first_line, windows[2].byte_start))
+    again = list(read_windows(input_spec(path), 5, windows[2].first_line, windows[2].byte_start))
     assert [(w.index, w.first_line, w.texts) for w in again] == [(w.index, w.first_line, w.texts) for w in windows[2:]]
 
 
@@ -118,7 +118,7 @@ def test_scan_names_the_line_that_is_not_utf8(tmp_path, data, line):
     path = tmp_path / "in.txt"
     path.write_bytes(data)
     with pytest.raises(UserError) as info:
-        scan_input(path)
+        scan_input(input_spec(path))
     assert f"not UTF-8 (line {line}," in info.value.line() and info.value.fix
 
 
@@ -129,19 +129,19 @@ def test_scan_finds_a_bad_byte_across_chunks(tmp_path, monkeypatch):
     path = tmp_path / "in.txt"
     path.write_bytes("ab\n\u00e9\u00e9\u00e9\ncd\nxy\n".encode() + b"\xc3(\n")
     with pytest.raises(UserError, match=r"not UTF-8 \(line 5,"):
-        scan_input(path)
+        scan_input(input_spec(path))
     path.write_bytes(("\u00e9" * 20 + "\n" + "\u2713" * 9).encode())  # characters split across chunk borders
-    assert scan_input(path).lines == 2
+    assert scan_input(input_spec(path)).lines == 2
 
 
 def test_scan_rejects_missing_empty_and_directories(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        scan_input(tmp_path / "nope.txt")
+        scan_input(input_spec(tmp_path / "nope.txt"))
     (tmp_path / "empty.txt").write_bytes(b"")
     with pytest.raises(UserError, match="is empty"):
-        scan_input(tmp_path / "empty.txt")
+        scan_input(input_spec(tmp_path / "empty.txt"))
     with pytest.raises(UserError, match="is a directory"):
-        scan_input(tmp_path)
+        scan_input(input_spec(tmp_path))
 
 
 def test_scan_fingerprints_the_content(tmp_path):
@@ -149,19 +149,19 @@ def test_scan_fingerprints_the_content(tmp_path):
 
     path = tmp_path / "in.txt"
     path.write_bytes(b"one\ntwo\n")
-    assert scan_input(path).sha256 == hashlib.sha256(b"one\ntwo\n").hexdigest()
+    assert scan_input(input_spec(path)).sha256 == hashlib.sha256(b"one\ntwo\n").hexdigest()
 
 
 def test_tokenize_truncates_like_transformers():
     tokenizer = ByT5Tokenizer()
     lines = ["", "short", "x" * 9, "y" * 10, "z" * 40, "\u00e9\u2713\u65e5" * 5, "w" * 11]
-    ids, truncated = tokenize(lines, tokenizer, max_length=10)
+    ids, cut = tokenize(lines, tokenizer, max_length=10)
     full = tokenizer(lines)["input_ids"]
     assert ids == tokenizer(lines, truncation=True, max_length=10)["input_ids"]
-    assert truncated == sum(len(row) > 10 for row in full) == 4
+    assert cut == [i for i, row in enumerate(full) if len(row) > 10] == [3, 4, 5, 6]
     assert all(row[-1] == tokenizer.eos_token_id for row in ids)  # default special tokens kept
     assert [len(r) for r in ids] == [1, 6, 10, 10, 10, 10, 10]
-    assert tokenize(lines, tokenizer, max_length=512)[1] == 0
+    assert tokenize(lines, tokenizer, max_length=512)[1] == []
 
 
 # ---------------------------------------------------------------- the output file
@@ -188,7 +188,8 @@ def write_all(layout: outputs.OutputLayout, rows_by_line: list[np.ndarray]) -> i
 @pytest.mark.parametrize("pooling", ["mean", "none"])
 def test_safetensors_layout_loads_with_safetensors(tmp_path, pooling):
     out = tmp_path / "emb.safetensors"
-    meta = {"source": "tiny-switch", "lines": "4", "note": "x" * 300}
+    meta = {"source": {"revision": None, "kind": "builtin"}, "lines": 4, "note": "x" * 300,
+            "legacy": {"source_revision": None, "lines": 4, "normalize": False, "family": "switch_transformers"}}
     layout = outputs.plan_layout(out, "safetensors", pooling, 4, 3, meta)
     outputs.create_partial(layout)
     rng = np.random.default_rng(0)
@@ -196,8 +197,10 @@ def test_safetensors_layout_loads_with_safetensors(tmp_path, pooling):
     tokens = write_all(layout, rows)
     outputs.finalize(layout, tokens, out)
     assert not outputs.partial_path(out).exists() and out.stat().st_size == layout.size(tokens)
-    with safe_open(str(out), framework="pt") as f:
-        assert f.metadata() == meta
+    with safe_open(str(out), framework="pt") as f:  # safetensors metadata is str -> str: the typed record is one JSON string
+        assert json.loads(f.metadata().pop("moeshard")) == {k: v for k, v in meta.items() if k != "legacy"}
+        assert f.metadata() == {"moeshard": f.metadata()["moeshard"], "source_revision": "null", "lines": "4", "normalize": "false",
+                                "family": "switch_transformers"}
         if pooling == "mean":
             assert torch.equal(f.get_tensor("embeddings"), torch.tensor(np.concatenate(rows), dtype=torch.float32))
         else:
@@ -207,11 +210,13 @@ def test_safetensors_layout_loads_with_safetensors(tmp_path, pooling):
 
 def test_npy_layout_loads_with_numpy(tmp_path):
     out = tmp_path / "emb.npy"
-    layout = outputs.plan_layout(out, "npy", "mean", 3, 4, {})
+    layout = outputs.plan_layout(out, "npy", "mean", 3, 4, {"run_fingerprint": "abc", "options": {"seed": 7, "shards": None}})
     outputs.create_partial(layout)
     rows = [np.full((1, 4), i, dtype="<f4") for i in range(3)]
     outputs.finalize(layout, write_all(layout, rows), out)
     assert np.array_equal(np.load(out), np.concatenate(rows)) and np.load(out, mmap_mode="r").dtype == np.float32
+    assert json.loads((tmp_path / "emb.npy.json").read_text()) == {"run_fingerprint": "abc", "options": {"seed": 7, "shards": None}}
+    assert outputs.recorded_digest(out) == "abc"  # what --resume on a finished output compares
 
 
 @pytest.mark.parametrize("name, pooling, message", [
@@ -223,7 +228,7 @@ def test_output_format_is_chosen_by_suffix(tmp_path, name, pooling, message):
     with pytest.raises(UserError) as info:  # the options name the flag and the fix
         RunOptions(input=tmp_path / "in.txt", shards=tmp_path / "set", output=tmp_path / name, pooling=pooling).validate()
     assert info.value.line().startswith(f"--output {tmp_path / name}") and ".safetensors" in info.value.fix
-    assert outputs.output_format(tmp_path / "o.safetensors", pooling) == "safetensors"
+    assert outputs.output_format(tmp_path / "o.safetensors", pooling).name == "safetensors"
 
 
 def test_a_full_disk_is_refused_before_any_work(tmp_path, monkeypatch):

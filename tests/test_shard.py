@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import ARCHS, FORMATS, cli_popen, invoke, read_rank_files, run_cli, save_checkpoint, tiny_checkpoint, tiny_model
+from moeshard_cli.families import families
 from moeshard_cli.shard import builtin
 from moeshard_cli.errors import UserError
 from moeshard_cli.shard.manifest import MANIFEST, check_files, read_shard_set

@@ -17,7 +17,7 @@ import torch
 
 from moeshard_cli.bench.deepspeed_moe import deepspeed_version
 from moeshard_cli.bench.systems import SYSTEMS, uses_deepspeed
-from moeshard_cli.bench.weights import SharedExperts, available_memory, check_room, new_run_id, reclaim_orphans, remove_run_files
+from moeshard_cli.bench.weights import SharedExperts, available_memory, check_room, input_blocks, new_run_id, reclaim_orphans, remove_run_files
 from moeshard_cli.bench.worker import BenchJob, bench_worker
 from moeshard_cli.shard.plan import slice_bounds
 from moeshard_cli.shard.sources import resolve
@@ -192,7 +192,7 @@ def estimate_seconds(opts: BenchOptions, workers: int) -> float:
     total = START_S + (DEEPSPEED_START_S if uses_deepspeed(opts.systems) else 0.0)
     for name in models_of(opts):
         source = resolve(name)
-        dims, matrices = source.dims, len(source.family.expert_inputs) + 1
+        dims, matrices = source.dims, input_blocks(source.family) + 1
         rate = _matmul_rate(dims.d_model, dims.d_ff) / max(1, workers)  # per worker, its share of the cores
         expert_bytes = matrices * dims.moe_layers * dims.num_experts * dims.d_model * dims.d_ff * 4
         total += expert_bytes / FILL_BYTES_PER_S / max(1, workers)

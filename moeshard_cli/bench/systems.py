@@ -40,9 +40,11 @@ class SlicedExperts(nn.Module):
     slices' outputs add up to the experts' (the sharding rule, switch.py), so expert-parallel
     systems read the same bytes as MoEShard without a second copy of the weights."""
 
-    def __init__(self, w_in_GEDH: torch.Tensor, w_out_GEFD: torch.Tensor, act: nn.Module, backend: str):
+    def __init__(self, w_in_GEDH: torch.Tensor, w_out_GEFD: torch.Tensor, act: nn.Module, backend: str, biases=None):
+        """`biases(g)`: slice g's (bias_in_EH, bias_out_ED) or (None, None); the output bias comes with slice 0 alone."""
         super().__init__()
-        self.slices = nn.ModuleList(GroupedExperts(w_in, w_out, act, backend) for w_in, w_out in zip(w_in_GEDH, w_out_GEFD))
+        self.slices = nn.ModuleList(GroupedExperts(w_in, w_out, act, backend, *(biases(g) if biases else (None, None)))
+                                    for g, (w_in, w_out) in enumerate(zip(w_in_GEDH, w_out_GEFD)))
 
     @property
     def num_experts(self) -> int:
@@ -101,8 +103,8 @@ def build_dispatch(name: str, layer: int, family, config, shared: SharedExperts,
     dims = family.dims(config)
     E, G, r = dims.num_experts, comm.world, comm.rank
     if name == "moeshard":
-        return ShardedDispatch(GroupedExperts(shared.w_in_GEDH[layer][r], shared.w_out_GEFD[layer][r], act, backend), comm, timer,
-                               shared_mlp.rank_slice(family, r, G) if shared_mlp else None)
+        return ShardedDispatch(GroupedExperts(shared.w_in_GEDH[layer][r], shared.w_out_GEFD[layer][r], act, backend, *shared.biases(layer, r)),
+                               comm, timer, shared_mlp.rank_slice(family, r, G) if shared_mlp else None)
     whole = shared_mlp.whole() if shared_mlp else None
     if name == "hf":
         need = shared.nbytes * G  # every worker holds a full copy of the experts
@@ -116,7 +118,11 @@ def build_dispatch(name: str, layer: int, family, config, shared: SharedExperts,
     local = slice(r * E // G, (r + 1) * E // G)
     w_in_GLDH, w_out_GLFD = shared.w_in_GEDH[layer][:, local], shared.w_out_GEFD[layer][:, local]
     if name == "ep":
-        return ExpertParallelDispatch(SlicedExperts(w_in_GLDH, w_out_GLFD, act, backend), E, comm, timer, whole)
+        return ExpertParallelDispatch(SlicedExperts(w_in_GLDH, w_out_GLFD, act, backend, lambda g: shared.biases(layer, g, local)), E, comm, timer,
+                                      whole)
+    if getattr(family, "expert_biases", ()):
+        return Skip(f"DeepSpeed-MoE's experts have no biases and a plain or gate|up activation; {family.name}'s are biased, "
+                    "with a clamped SwiGLU of interleaved columns")
     if dims.top_k > 2:
         return Skip(f"DeepSpeed-MoE's gates are top-1 and top-2; {family.name} routes top-{dims.top_k}")
     from moeshard_cli.bench.deepspeed_moe import DeepSpeedDispatch

@@ -26,28 +26,51 @@ from moeshard_cli.shard.sources import Source
 from moeshard_cli.errors import UserError
 from moeshard_cli.launch import process_alive
 from moeshard_cli.moe.experts import padded_width
-from moeshard_cli.shard.plan import join_slices, slice_along
+from moeshard_cli.shard.plan import join_slices, rank_cut, slice_along
 
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
 
 
+def input_blocks(family) -> int:
+    """How many W-wide blocks of columns an expert's input takes: 1 (Switch's wi), 2 (gate and up side
+    by side, or GPT-OSS's gate_up, whose slice of width w is 2w interleaved columns)."""
+    return sum(getattr(family, "slice_steps", {}).get(m, 1) for m in family.expert_inputs)
+
+
+def _layer_elements(family, G: int, E: int, D: int, W: int) -> int:
+    n = input_blocks(family)
+    biases = G * E * n * W + E * D if getattr(family, "expert_biases", ()) else 0  # bias_in_GEH, bias_out_ED
+    return (n + 1) * G * E * D * W + biases
+
+
 class SharedExperts:
+    """`w_in_GEDH`, `w_out_GEFD` per layer; for a family with expert biases (GPT-OSS) also `bias_in_GEH`
+    (sliced as w_in's columns) and `bias_out_ED` (whole: the rank or slice 0 adds it, `biases`)."""
+
     def __init__(self, path: Path, family, layers: list[int], num_experts: int, d_model: int, bounds: list[tuple[int, int]],
                  dtype: torch.dtype):
         self.path, self.family, self.layers, self.bounds = path, family, layers, bounds
-        G, E, D, n = len(bounds), num_experts, d_model, len(family.expert_inputs)
-        self.width = padded_width(max(hi - lo for lo, hi in bounds), dtype)
-        per_out = G * E * D * self.width
-        per_layer = (n + 1) * per_out
+        G, E, D, n = len(bounds), num_experts, d_model, input_blocks(family)
+        self.width = W = padded_width(max(hi - lo for lo, hi in bounds), dtype)
+        per_layer = _layer_elements(family, G, E, D, W)
         self.nbytes = len(layers) * per_layer * dtype.itemsize
         if not path.exists():
             raise FileNotFoundError(path)
         flat = torch.from_file(str(path), shared=True, size=len(layers) * per_layer, dtype=dtype)
-        self.w_in_GEDH, self.w_out_GEFD = {}, {}
+        self.w_in_GEDH, self.w_out_GEFD, self.bias_in_GEH, self.bias_out_ED = {}, {}, {}, {}
         for i, layer in enumerate(layers):
-            base = i * per_layer
-            self.w_in_GEDH[layer] = flat[base : base + n * per_out].view(G, E, D, n * self.width)
-            self.w_out_GEFD[layer] = flat[base + n * per_out : base + per_layer].view(G, E, self.width, D)
+            parts = flat[i * per_layer:(i + 1) * per_layer].split([G * E * D * n * W, G * E * W * D, per_layer - (n + 1) * G * E * D * W])
+            self.w_in_GEDH[layer] = parts[0].view(G, E, D, n * W)
+            self.w_out_GEFD[layer] = parts[1].view(G, E, W, D)
+            if getattr(family, "expert_biases", ()):
+                self.bias_in_GEH[layer], self.bias_out_ED[layer] = parts[2].split([G * E * n * W, E * D])
+                self.bias_in_GEH[layer], self.bias_out_ED[layer] = self.bias_in_GEH[layer].view(G, E, n * W), self.bias_out_ED[layer].view(E, D)
+
+    def biases(self, layer: int, g: int, experts: slice = slice(None)) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(bias_in_EH, bias_out_ED) of slice g of `experts`: the output bias on slice 0 only, as the slices' outputs are summed."""
+        if layer not in self.bias_in_GEH:
+            return None, None
+        return self.bias_in_GEH[layer][g, experts], self.bias_out_ED[layer][experts] if g == 0 else None
 
     @staticmethod
     def create(path: Path, nbytes: int) -> None:
@@ -57,28 +80,53 @@ class SharedExperts:
 
     @staticmethod
     def size_for(family, layers: int, num_experts: int, d_model: int, bounds, dtype: torch.dtype) -> int:
-        matrices = len(family.expert_inputs) + 1
-        return matrices * layers * len(bounds) * num_experts * d_model * padded_width(max(hi - lo for lo, hi in bounds), dtype) * dtype.itemsize
+        return layers * _layer_elements(family, len(bounds), num_experts, d_model, padded_width(max(hi - lo for lo, hi in bounds), dtype)) * dtype.itemsize
+
+    def _columns(self):
+        """Per input matrix: (name, first column, its step): where its slice of width w sits in w_in's H."""
+        family, start, out = self.family, 0, []
+        for m in family.expert_inputs:
+            step = getattr(family, "slice_steps", {}).get(m, 1)
+            out.append((m, start, step))
+            start += step * self.width
+        return out
 
     def fill(self, source: Source, rank: int, world: int) -> None:
-        """Worker `rank` loads experts e with e % world == rank and writes all their slices."""
-        entries, family, W = {e.name: e for e in source.tensors}, self.family, self.width
+        """Worker `rank` loads experts e with e % world == rank and writes all their slices.
+        An input matrix sliced along its rows ([F, D], nn.Linear's) is stored transposed; GPT-OSS's [D, 2F] as it is."""
+        entries, family = {e.name: e for e in source.tensors}, self.family
+        bias_in, bias_out = getattr(family, "expert_biases", ()) or (None, None)
         for layer in self.layers:
             for e in range(rank, self.w_in_GEDH[layer].shape[1], world):
-                inputs = [entries[family.expert_key(layer, e, m)].load() for m in family.expert_inputs]
-                out = entries[family.expert_key(layer, e, family.expert_output)].load()
+                full = {m: entries[family.expert_key(layer, e, m)].load() for m in (*family.expert_inputs, family.expert_output)}
+                if bias_in:
+                    full[bias_in] = entries[family.expert_key(layer, e, bias_in)].load()
+                    self.bias_out_ED[layer][e] = entries[family.expert_key(layer, e, bias_out)].load()
                 for g, (lo, hi) in enumerate(self.bounds):
-                    for j, (m, full) in enumerate(zip(family.expert_inputs, inputs)):
-                        self.w_in_GEDH[layer][g, e, :, j * W : j * W + hi - lo] = slice_along(full, family.sliced_dim(m), lo, hi).T
-                    self.w_out_GEFD[layer][g, e, : hi - lo, :] = slice_along(out, family.sliced_dim(family.expert_output), lo, hi).T
+                    for m, start, step in self._columns():
+                        part = self._cut(layer, e, m, lo, hi, full[m])
+                        self.w_in_GEDH[layer][g, e, :, start:start + step * (hi - lo)] = part.T if family.sliced_dim(m) == 0 else part
+                        if bias_in:
+                            self.bias_in_GEH[layer][g, e, start:start + step * (hi - lo)] = self._cut(layer, e, bias_in, lo, hi, full[bias_in])
+                    out = self._cut(layer, e, family.expert_output, lo, hi, full[family.expert_output])
+                    self.w_out_GEFD[layer][g, e, : hi - lo, :] = out.T if family.sliced_dim(family.expert_output) == 1 else out
+
+    def _cut(self, layer, e, matrix, lo, hi, tensor):
+        return slice_along(tensor, *rank_cut(self.family, self.family.expert_key(layer, e, matrix), lo, hi))
 
     def full_expert(self, layer: int, e: int) -> dict[str, torch.Tensor]:
         """{matrix: full weight} in transformers' per-expert layout, concatenated from the slices (copies)."""
-        family, W = self.family, self.width
-        full = {m: join_slices([self.w_in_GEDH[layer][g, e, :, j * W : j * W + hi - lo].T for g, (lo, hi) in enumerate(self.bounds)],
-                               family.sliced_dim(m)) for j, m in enumerate(family.expert_inputs)}
-        full[family.expert_output] = join_slices([self.w_out_GEFD[layer][g, e, : hi - lo, :].T for g, (lo, hi) in enumerate(self.bounds)],
-                                                 family.sliced_dim(family.expert_output))
+        family, bounds = self.family, self.bounds
+        full = {}
+        for m, start, step in self._columns():
+            parts = [self.w_in_GEDH[layer][g, e, :, start:start + step * (hi - lo)] for g, (lo, hi) in enumerate(bounds)]
+            full[m] = join_slices([p.T for p in parts], 0) if family.sliced_dim(m) == 0 else join_slices(parts, 1)
+            if layer in self.bias_in_GEH:
+                full[family.expert_biases[0]] = join_slices([self.bias_in_GEH[layer][g, e, start:start + step * (hi - lo)] for g, (lo, hi) in enumerate(bounds)], 0)
+        outs = [self.w_out_GEFD[layer][g, e, : hi - lo, :] for g, (lo, hi) in enumerate(bounds)]
+        full[family.expert_output] = join_slices([p.T for p in outs], 1) if family.sliced_dim(family.expert_output) == 1 else join_slices(outs, 0)
+        if layer in self.bias_out_ED:
+            full[family.expert_biases[1]] = self.bias_out_ED[layer][e].clone()
         return full
 
 

@@ -210,6 +210,9 @@ def _tensor_parallel(source, directory, rank: int, world: int, device) -> Tensor
     dims = source.dims
     if not source.family.decoder:
         return Skip("transformers has no tensor-parallel plan for Switch Transformers")
+    plan = getattr(source.config, "base_model_tp_plan", None) or {}
+    if not any("experts" in key for key in plan):
+        return Skip(f"transformers' tensor-parallel plan for {source.family.name} does not cut the experts")
     if importlib.util.find_spec("accelerate") is None:
         return Skip("transformers' tensor-parallel loading needs accelerate (pip install accelerate)")
     if dims.d_ff % world or (dims.d_ff // world * 4) % 16:

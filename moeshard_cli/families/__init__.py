@@ -10,6 +10,8 @@ one process) is built. The rest of the tool asks `family_of(model_type)` or `bui
 - gated.py: the transformers 5 decoder layout shared by Qwen3-MoE, OLMoE and Mixtral (top-k router
   module kept as it is, fused `gate_up_proj` [E, 2F, D] / `down_proj` [E, D, F] experts, stored per
   expert on disk); qwen3_moe.py, olmoe.py and mixtral.py say only what differs.
+- gpt_oss.py: GPT-OSS, the gated layout with biases, gate and up interleaved in one transposed
+  matrix, stored fused on disk (and MXFP4 on the hub).
 
 - qwen2_moe.py, deepseek_v3.py, deepseek_v2.py, phimoe.py: the same layout with a shared expert
   (Qwen2-MoE, DeepSeek), dense first layers (DeepSeek) or other names (PhiMoE's router).
@@ -24,7 +26,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-_MODULES = ("switch", "qwen3_moe", "olmoe", "mixtral", "qwen2_moe", "deepseek_v3", "deepseek_v2", "phimoe")
+_MODULES = ("switch", "qwen3_moe", "olmoe", "mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3", "deepseek_v2", "phimoe")
 SHARED_EXPERT = -1  # the expert index of a layer's shared expert in parsed (layer, expert, matrix) keys
 
 

@@ -30,7 +30,8 @@ POST_NORM = ("a norm over each expert's whole output (has_post_expert_norm) cann
              "the slices' outputs no longer add up")
 # Where each kind of family is proven exact against transformers (docs/models.md's last column).
 DECODER_TESTS = "tests/test_families.py (run matrix), tests/test_family_blocks.py (slices at 1-4 workers)"
-EXACTNESS_TESTS = {"switch_transformers": "tests/test_run.py::test_embeddings_match_transformers"}
+EXACTNESS_TESTS = {"switch_transformers": "tests/test_run.py::test_embeddings_match_transformers",
+                   "gpt_oss": "tests/test_gpt_oss.py (run matrix at 1-4 workers, slices, wrong layouts)"}
 
 _DECORATOR = re.compile(r"^@use_experts_implementation(?:\((?P<args>[^)]*)\))?", re.M)
 _MOE_CLASS = re.compile(r"^class \w*(SparseMoe|SparseMLP|MoE|Moe|Experts)\w*\(", re.M)

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeshard_cli.choices import BACKENDS
 from moeshard_cli.errors import UserError
 
-BACKENDS = ("auto", "grouped_mm", "loop", "megablocks")
 
 
 def padded_width(width: int, dtype: torch.dtype) -> int:
@@ -100,7 +100,9 @@ class GroupedExperts(nn.Module):
     expert, or whole experts. H = F for a plain expert, `act(x W_in) W_out` (Switch); H = 2F for a
     gated one, `(act(x W_gate) * (x W_up)) W_out` (SwiGLU: Qwen-MoE, Mixtral, OLMoE). Optional
     biases: `bias_in_EH` (sliced like w_in) and `bias_out_ED`, which a sharded layer gives to one
-    rank only, since the ranks' partial outputs are summed.
+    rank only, since the ranks' partial outputs are summed. An `act` marked `gate_and_up` (GPT-OSS's,
+    whose gate and up columns interleave) maps the whole [N, 2F] row to [N, F] in place of
+    `act(gate) * up`.
     """
 
     def __init__(self, w_in_EDH: torch.Tensor, w_out_EFD: torch.Tensor, act: nn.Module, backend: str,
@@ -125,7 +127,9 @@ class GroupedExperts(nn.Module):
         if counts_E.device.type != "cpu":
             counts_E = counts_E.cpu()
         h_NH = _with_bias(self._mm(x_ND, self.w_in_EDH, counts_E), self.bias_in_EH, counts_E)
-        if self.gated:
+        if getattr(self.act, "gate_and_up", False):
+            h_NF = self.act(h_NH)
+        elif self.gated:
             gate_NF, up_NF = h_NH.chunk(2, dim=1)
             h_NF = self.act(gate_NF) * up_NF
         else:

@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+from moeshard_cli.choices import ROUTERS
 
 _M32 = 0xFFFFFFFF
-ROUTERS = ("model", "skewed")
 
 
 def check_router(kind: str) -> None:

@@ -18,6 +18,11 @@ class SectionTimer:
         self.totals: dict[str, float] = defaultdict(float)
         self._events: list = []
 
+    def reset(self) -> None:
+        """Start counting afresh (a pool worker's next job)."""
+        self.totals.clear()
+        self._events.clear()
+
     @contextmanager
     def section(self, name: str):
         if not self.enabled:

@@ -13,26 +13,15 @@ import queue
 from array import array
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from moeshard_cli.moe.exchange import all_gather_single
 from moeshard_cli.shard.plan import even_bounds
-from moeshard_cli.run.inputs import read_windows, tokenize
+from moeshard_cli.run.inputs import InputSpec, read_windows, tokenize
+from moeshard_cli.run.outputs import Position
 from moeshard_cli.run.schedule import plan_window
-
-
-@dataclass
-class Position:
-    """Where a run (re)starts: the first line of a window, its byte offset and global token offset,
-    and how many of its steps are already written."""
-
-    line: int = 0
-    byte: int = 0
-    token: int = 0
-    step: int = 0
 
 
 @dataclass
@@ -43,13 +32,17 @@ class PlannedWindow:
     byte_end: int
     token_base: int  # global token offset of the window's first line (for --pooling none)
     lengths: list[int]  # tokens of every line of the window
-    truncated: int  # lines of the window cut to --max-length
+    truncated_at: list[int]  # window-local indices of the lines cut to --max-length
     steps: list[list[list[int]]]  # steps[s][rank]: window-local line indices
     ids: dict[int, torch.Tensor] = field(repr=False, default_factory=dict)  # this rank's lines only (int32)
 
     @property
     def tokens(self) -> int:
         return sum(self.lengths)
+
+    @property
+    def truncated(self) -> int:
+        return len(self.truncated_at)
 
 
 class WindowFeed:
@@ -60,9 +53,9 @@ class WindowFeed:
     largest activations, so the two peaks never meet.
     """
 
-    def __init__(self, path: Path, tokenizer, max_length: int, window: int, batch_size: int, start: Position,
+    def __init__(self, spec: InputSpec, tokenizer, max_length: int, window: int, batch_size: int, start: Position,
                  rank: int, world: int, group):
-        self._args = (path, tokenizer, max_length, window, batch_size, start, rank, world, group)
+        self._args = (spec, tokenizer, max_length, window, batch_size, start, rank, world, group)
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._wanted = start.line // window  # the highest window index asked for
         self._asked = threading.Condition()
@@ -97,10 +90,10 @@ class WindowFeed:
                 pass
 
     def _produce(self) -> None:
-        path, tokenizer, max_length, window, batch_size, start, rank, world, group = self._args
+        spec, tokenizer, max_length, window, batch_size, start, rank, world, group = self._args
         try:
             token_base, index = start.token, start.line // window
-            windows = read_windows(path, window, start.line, start.byte)
+            windows = read_windows(spec, window, start.line, start.byte)
             while self._wait_for(index) and (w := next(windows, None)) is not None:
                 planned = plan(w, tokenizer, max_length, batch_size, rank, world, group, token_base)
                 token_base, index = token_base + planned.tokens, index + 1
@@ -129,29 +122,30 @@ def plan(w, tokenizer, max_length: int, batch_size: int, rank: int, world: int, 
     """Tokenize this rank's chunk of the window, agree on the schedule, and fetch this rank's lines."""
     bounds = even_bounds(len(w.texts), world)
     lo, hi = bounds[rank]
-    ids, truncated = tokenize(w.texts[lo:hi], tokenizer, max_length)
+    ids, cut = tokenize(w.texts[lo:hi], tokenizer, max_length)
     if world == 1:
         lengths = [len(r) for r in ids]
         steps = plan_window(lengths, batch_size, world)
         mine = {i: torch.tensor(r, dtype=torch.int32) for i, r in enumerate(ids)}
-        return PlannedWindow(w.index, w.first_line, w.byte_start, w.byte_end, token_base, lengths, truncated, steps, mine)
-    lengths, truncated = _all_lengths([len(r) for r in ids], truncated, bounds, group)
+        return PlannedWindow(w.index, w.first_line, w.byte_start, w.byte_end, token_base, lengths, cut, steps, mine)
+    lengths, truncated = _all_lengths([len(r) for r in ids], cut, bounds, group)
     steps = plan_window(lengths, batch_size, world)
     mine = _swap_ids(ids, lengths, steps, bounds, rank, world, group)
     return PlannedWindow(w.index, w.first_line, w.byte_start, w.byte_end, token_base, lengths, truncated, steps, mine)
 
 
-def _all_lengths(own: list[int], truncated: int, bounds, group) -> tuple[list[int], int]:
-    """Every rank's token counts (and truncated lines), in window order."""
-    width = 1 + max(hi - lo for lo, hi in bounds)  # slot 0: truncated lines
+def _all_lengths(own: list[int], cut: list[int], bounds, group) -> tuple[list[int], list[int]]:
+    """Every rank's token counts in window order, and the window-local indices of the truncated
+    lines (`cut`: this rank's, sent as negative counts)."""
+    width = max(hi - lo for lo, hi in bounds)
     send = torch.zeros(width, dtype=torch.int64)
-    send[0] = truncated
-    send[1:1 + len(own)] = torch.tensor(own, dtype=torch.int64)
+    send[:len(own)] = torch.tensor(own, dtype=torch.int64)
+    send[cut] *= -1
     out = torch.empty(len(bounds) * width, dtype=torch.int64)
     all_gather_single(out, send, group=group)
     rows = out.view(len(bounds), width)
-    lengths = [n for (lo, hi), row in zip(bounds, rows.tolist()) for n in row[1:1 + hi - lo]]
-    return lengths, int(rows[:, 0].sum())
+    signed = [n for (lo, hi), row in zip(bounds, rows.tolist()) for n in row[:hi - lo]]
+    return [abs(n) for n in signed], [i for i, n in enumerate(signed) if n < 0]
 
 
 def _swap_ids(own_ids: list[list[int]], lengths: list[int], steps, bounds, rank: int, world: int, group) -> dict[int, torch.Tensor]:

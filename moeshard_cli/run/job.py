@@ -6,34 +6,24 @@ from dataclasses import dataclass
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from moeshard_cli.moe.routing import RouterSpec
-from moeshard_cli.run.feed import Position
-from moeshard_cli.run.outputs import OutputLayout
+from moeshard_cli.run.inputs import InputSpec
+from moeshard_cli.run.options import RunOptions
+from moeshard_cli.run.outputs import OutputLayout, Position
 
 
 @dataclass
 class RunJob:
     """Everything a worker needs: small, so the launch never blocks on a large payload."""
 
+    options: RunOptions  # as resolved by the parent: the family's pooling, the window in whole steps, the device picked
     shards: str
-    input: str
+    input: InputSpec
     lines: int
-    window: int
-    batch_size: int
-    max_length: int
-    pooling: str
-    normalize: bool
-    device: str
-    backend: str
-    router: RouterSpec
-    timeout: float
     fingerprint: str
     start: Position
     lines_done: int
     layout: OutputLayout | None  # node 0 only: rank 0 writes
     journal: str | None
-    show_progress: bool = True
-    attention: str = "eager"
 
 
 @record

@@ -26,10 +26,18 @@ from pathlib import Path
 from moeshard_cli.errors import Interrupted, UserError
 from moeshard_cli.files import special_kind
 from moeshard_cli.run import outputs
-from moeshard_cli.run.feed import Position
+from moeshard_cli.run.outputs import Position
 from moeshard_cli.run.outputs import OutputLayout, partial_path
 
 RECENT_STEPS = 8  # the steps checked on every resume: the last ones written, the likeliest to be torn
+
+
+class AlreadyComplete(Exception):
+    """--resume on an output that this same run already finished: nothing to do."""
+
+    def __init__(self, output: Path):
+        self.output = output
+        super().__init__(f"{output} is already complete: nothing to resume")
 
 
 @dataclass(frozen=True)
@@ -53,8 +61,8 @@ class Start:
 
 
 class OutputLife:
-    def __init__(self, output: Path, *, resume: bool = False, restart: bool = False, verify_all: bool = False):
-        self.output, self.resume, self.restart, self.verify_all = output, resume, restart, verify_all
+    def __init__(self, output: Path, *, resume: bool = False, restart: bool = False, verify_all: bool = False, force: bool = False):
+        self.output, self.resume, self.restart, self.verify_all, self.force = output, resume, restart, verify_all, force
         self.journal, self.partial = outputs.journal_path(output), partial_path(output)
         self.stage = "new"
         self._lock: int | None = None
@@ -62,8 +70,10 @@ class OutputLife:
 
     # ------------------------------------------------------------ claim
 
-    def claim(self, lines: int) -> None:
-        """Lock the journal of an unfinished run and decide how this one begins; every refusal is here."""
+    def claim(self, lines: int, digest: str | None = None) -> None:
+        """Lock the journal of an unfinished run and decide how this one begins; every refusal is here.
+        A finished output is replaced only with --force; --resume on one made by this same run (its
+        recorded fingerprint is `digest`) raises AlreadyComplete: there is nothing to do."""
         self._expect("new")
         kind = special_kind(self.output)
         if kind:
@@ -81,10 +91,14 @@ class OutputLife:
                                 f"continue it with `{resume_command(argv)}`, or start over with --restart")
         elif self.resume and not self.restart:
             if self.output.exists():
-                raise UserError(f"--resume: {self.output} is complete, there is nothing to resume",
-                                "use it as it is, or run without --resume to encode the input again (it is replaced when the new run finishes)")
+                if digest is not None and outputs.recorded_digest(self.output) == digest:
+                    raise AlreadyComplete(self.output)
+                raise UserError(f"--resume: {self.output} is a finished output of another run (other input, shard set or options)",
+                                "choose another --output, or pass --force without --resume to replace it")
             raise UserError(f"--resume: there is no unfinished run of {self.output} to resume (no {self.journal.name})",
                             "check --output, or run without --resume to start a new run")
+        elif not unfinished and self.output.exists() and not self.force:
+            raise UserError(f"--output {self.output} exists (a finished output)", "pass --force to replace it, or choose another --output")
         self.stage = "claimed"
 
     # ------------------------------------------------------------ start: fresh or resumed
@@ -159,10 +173,11 @@ class OutputLife:
 
     # ------------------------------------------------------------ the end: finished or stopped
 
-    def finish(self, tokens: int) -> None:
-        """Header, exact size, fsync, rename to the final name, journal gone."""
+    def finish(self, tokens: int, ids=None) -> None:
+        """Header, exact size, fsync, rename to the final name, journal gone (`ids`: each line's id,
+        for the formats that store them)."""
         self._expect("writing")
-        outputs.finalize(self._layout(), tokens, self.output)
+        outputs.finalize(self._layout(), tokens, self.output, ids)
         self.stage = "finished"
 
     def stop(self, exc: BaseException, lines: int) -> BaseException:

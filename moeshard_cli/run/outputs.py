@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import queue
@@ -28,14 +29,17 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from moeshard_cli.errors import UserError
 from moeshard_cli.files import check_writable, publish, write_atomic
-from moeshard_cli.run.feed import Position
+from moeshard_cli.run.formats import FORMATS, OutputFormat, output_format  # noqa: F401 (the registry, re-exported)
 
-FORMATS = {".safetensors": "safetensors", ".npy": "npy", ".csv": "csv"}
+FORMATS_BY_NAME = {f.name: f for f in FORMATS.values()}
+METADATA_KEY = "moeshard"  # the run's typed record, as one JSON string (safetensors' metadata holds strings only)
+
 ROW_DTYPE = np.dtype("<f4")
 SCORE_COLUMNS = ("line", "tokens", "logprob", "mean_nll")
 SCORE_HEADER = (",".join(SCORE_COLUMNS) + "\n").encode()
@@ -51,16 +55,15 @@ _sync_data = getattr(os, "fdatasync", os.fsync)  # the rows must be on disk befo
 _MAX_TOKENS_DIGITS = 10**15  # sizes the reserved header of --pooling none before the token count is known
 
 
-def output_format(path: Path, pooling: str) -> str:
-    """The format the file name asks for; ValueError if there is none or it cannot hold `pooling`."""
-    fmt = FORMATS.get(path.suffix)
-    if fmt is None:
-        raise ValueError(f"{path} has no known suffix")
-    if (fmt == "csv") != (pooling == "score"):
-        raise ValueError(f"{path} is a {path.suffix} file: scores go to .csv, embeddings to .safetensors or .npy")
-    if fmt == "npy" and pooling == "none":
-        raise ValueError(f"{path} is a .npy file, which cannot hold --pooling {pooling} (lines of different lengths)")
-    return fmt
+@dataclass
+class Position:
+    """Where a run (re)starts: the first line of a window, its byte offset and global token offset,
+    and how many of its steps are already written."""
+
+    line: int = 0
+    byte: int = 0
+    token: int = 0
+    step: int = 0
 
 
 def partial_path(output: Path) -> Path:
@@ -140,6 +143,8 @@ class OutputLayout:
         """The bytes before `data_start`, exact for a run of `tokens` tokens."""
         if self.fmt == "csv":
             return SCORE_HEADER
+        if FORMATS_BY_NAME[self.fmt].staged:  # raw rows, converted at the end
+            return b""
         if self.fmt == "npy":
             out = io.BytesIO()
             np.lib.format.write_array_header_1_0(out, {"descr": ROW_DTYPE.str, "fortran_order": False, "shape": (self.lines, self.d_model)})
@@ -165,9 +170,10 @@ def _safetensors_header(layout: OutputLayout, tokens: int, pad: bool = True) -> 
     return blob + b" " * (width - len(blob))  # safetensors allows trailing spaces in the header
 
 
-def plan_layout(output: Path, fmt: str, pooling: str, lines: int, d_model: int, metadata: dict[str, str]) -> OutputLayout:
-    draft = OutputLayout(str(partial_path(output)), fmt, pooling, lines, d_model, 0, tuple(sorted(metadata.items())))
-    if fmt in ("npy", "csv"):
+def plan_layout(output: Path, fmt: str, pooling: str, lines: int, d_model: int, metadata: dict) -> OutputLayout:
+    """`metadata`: the run's typed record; safetensors' header keeps it as strings (metadata_strings)."""
+    draft = OutputLayout(str(partial_path(output)), fmt, pooling, lines, d_model, 0, tuple(sorted(metadata_strings(metadata).items())))
+    if fmt != "safetensors":
         start = len(draft.header(0))
     else:
         need = len(_safetensors_header(draft, _MAX_TOKENS_DIGITS, pad=False))
@@ -190,8 +196,23 @@ def create_partial(layout: OutputLayout) -> None:
         os.close(fd)
 
 
-def finalize(layout: OutputLayout, tokens: int, output: Path) -> None:
-    """Header, exact size, fsync, rename to the final name, journal gone."""
+def finalize(layout: OutputLayout, tokens: int, output: Path, ids: Iterator | None = None) -> None:
+    """Header, exact size, fsync, rename to the final name, journal gone. Formats without room for
+    metadata get it beside them first (OUTPUT.json); staged formats are written from the partial
+    rows and `ids` (each line's id, in order)."""
+    fmt = FORMATS_BY_NAME[layout.fmt]
+    record = json.loads(dict(layout.metadata)[METADATA_KEY])
+    if fmt.sidecar:
+        write_atomic(sidecar_path(output), lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    if fmt.staged:
+        rows = np.memmap(layout.path, dtype=ROW_DTYPE, mode="r", shape=(layout.lines, layout.d_model)) if layout.lines else \
+            np.zeros((0, layout.d_model), ROW_DTYPE)
+        write_atomic(output, lambda tmp: STAGED_WRITERS[fmt.name](tmp, rows, ids if ids is not None else iter(range(layout.lines)),
+                                                                   layout.pooling, record))
+        del rows
+        Path(layout.path).unlink()
+        journal_path(output).unlink(missing_ok=True)
+        return
     fd = os.open(layout.path, os.O_WRONLY)
     try:
         os.pwrite(fd, layout.header(tokens), 0)
@@ -203,6 +224,87 @@ def finalize(layout: OutputLayout, tokens: int, output: Path) -> None:
         os.close(fd)
     publish(Path(layout.path), output)
     journal_path(output).unlink(missing_ok=True)
+
+
+def sidecar_path(output: Path) -> Path:
+    return output.with_name(output.name + ".json")
+
+
+def metadata_strings(record: dict) -> dict[str, str]:
+    """The typed record as one JSON string under "moeshard", beside the flat string keys of earlier
+    versions (kept so readers of those keep working); JSON spells their non-strings (null, true, 7)."""
+    flat = {**record.get("legacy", {})}
+    body = {k: v for k, v in record.items() if k != "legacy"}
+    return {**{k: v if isinstance(v, str) else json.dumps(v) for k, v in flat.items()}, METADATA_KEY: json.dumps(body, sort_keys=True)}
+
+
+def recorded_digest(output: Path) -> str | None:
+    """The run fingerprint a finished output records, or None when it records none (or is unreadable)."""
+    try:
+        fmt = FORMATS[output.suffix]
+        if fmt.sidecar:
+            return json.loads(sidecar_path(output).read_text())["run_fingerprint"]
+        if fmt.name == "parquet":
+            import pyarrow.parquet as pq
+
+            return json.loads(pq.read_schema(output).metadata[METADATA_KEY.encode()])["run_fingerprint"]
+        with open(output, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            return json.loads(json.loads(f.read(size))["__metadata__"][METADATA_KEY])["run_fingerprint"]
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------- staged formats: written whole at the end
+
+STAGED_BATCH = 8192  # rows per parquet row group and per write
+
+
+def _batches(rows: np.ndarray, ids: Iterator):
+    for start in range(0, rows.shape[0], STAGED_BATCH):
+        chunk = np.asarray(rows[start:start + STAGED_BATCH])
+        chunk_ids = list(itertools.islice(ids, len(chunk)))
+        if len(chunk_ids) != len(chunk):
+            raise UserError("the input has fewer records than when the run began", "leave the input alone during a run, then rerun")
+        yield chunk, chunk_ids
+
+
+def _write_parquet(tmp: Path, rows: np.ndarray, ids: Iterator, pooling: str, record: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer, id_type = None, None
+    try:
+        for chunk, chunk_ids in _batches(rows, ids):
+            id_array = pa.array(chunk_ids, type=id_type)
+            if pooling == "score":
+                columns = {"id": id_array, "tokens": pa.array(chunk[:, 0].astype(np.int64)),
+                           "logprob": pa.array(chunk[:, 1]), "mean_nll": pa.array(chunk[:, 2])}
+            else:
+                columns = {"id": id_array, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), chunk.shape[1])}
+            table = pa.table(columns)
+            if writer is None:
+                id_type = id_array.type
+                schema = table.schema.with_metadata({METADATA_KEY: json.dumps(record, sort_keys=True)})
+                writer = pq.ParquetWriter(str(tmp), schema)
+            writer.write_table(table.replace_schema_metadata(writer.schema.metadata))
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _write_jsonl(tmp: Path, rows: np.ndarray, ids: Iterator, pooling: str, record: dict) -> None:
+    with open(tmp, "w", encoding="utf-8") as f:
+        for chunk, chunk_ids in _batches(rows, ids):
+            for id_, row in zip(chunk_ids, chunk.tolist()):
+                if pooling == "score":
+                    item = {"id": id_, "tokens": int(row[0]), "logprob": row[1], "mean_nll": None if row[2] != row[2] else row[2]}
+                else:
+                    item = {"id": id_, "embedding": row}
+                f.write(json.dumps(item) + "\n")
+
+
+STAGED_WRITERS = {"parquet": _write_parquet, "jsonl": _write_jsonl}
 
 
 def discard(output: Path) -> None:

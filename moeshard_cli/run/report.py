@@ -7,6 +7,8 @@ from rich.table import Table
 
 
 def print_run_summary(console: Console, summary) -> None:
+    if summary.already_complete:
+        return  # run() said so on stderr; stdout stays empty
     fig = summary.figures()
     if not fig:
         console.print(f"this node's workers finished; rank 0 (on another node) wrote {summary.output}")

@@ -21,25 +21,59 @@ from torch.nn.utils.rnn import pad_sequence
 
 from moeshard_cli.errors import UserError
 from moeshard_cli.launch import release_free_memory, worker_process_group
-from moeshard_cli.shard.manifest import read_shard_set
+from moeshard_cli.shard.manifest import MANIFEST, read_shard_set
 from moeshard_cli.model import sharded_model
 from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.layer import token_ids_for
+from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.moe.timing import SectionTimer
-from moeshard_cli.run.feed import PlannedWindow, Position, WindowFeed
+from moeshard_cli.run.feed import PlannedWindow, WindowFeed
+from moeshard_cli.run.outputs import Position
+from moeshard_cli.run.inputs import SHOWN
 from moeshard_cli.run.job import RunJob
 from moeshard_cli.run.outputs import RowWriter
 from moeshard_cli.run.schedule import spread, step_tokens
 
 
 def encode(job: RunJob):
-    with worker_process_group(job.device, job.timeout) as (rank, world, device):
-        return _Encoder(job, rank, world, device).run()
+    """`moeshard run`'s worker: one job in a process group of its own."""
+    with worker_process_group(job.options.device, job.options.timeout) as (rank, world, device):
+        return EncodeSession(rank, world, device, job.options.timeout).encode(job)
+
+
+class EncodeSession:
+    """A worker's loaded model and side group, kept across the jobs it encodes: one for `moeshard run`,
+    many for a pool (run/pool.py). A job for another shard set, expert backend or attention reloads;
+    the router, being stateless (moe/routing.py), is swapped in place."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, timeout: float):
+        self.rank, self.world, self.device = rank, world, device
+        self.side = dist.new_group(backend="gloo", timeout=_timeout(timeout)) if world > 1 else None
+        self.key, self.sharded, self.timer = None, None, None
+
+    def load(self, shards: str, backend: str, attention: str, router: RouterSpec) -> None:
+        manifest = (Path(shards) / MANIFEST).stat()  # a set re-sharded in place (--force) is another set
+        key = (str(Path(shards).resolve()), manifest.st_mtime_ns, manifest.st_ino, backend, attention)
+        if key != self.key:
+            self.key, self.sharded = None, None  # the old model's memory goes before the new one comes
+            release_free_memory()
+            self.timer = SectionTimer(self.device)
+            self.sharded = sharded_model(read_shard_set(Path(shards)), self.rank, self.device, backend, router,
+                                         Collectives(timer=self.timer), self.timer, attention)
+            self.key = key
+        self.timer.reset()
+        for mlp in self.sharded.mlps.values():
+            mlp.spec = router
+            mlp.load.reset()
+
+    def encode(self, job: RunJob) -> dict | None:
+        return _Encoder(job, self).run()
 
 
 class _Encoder:
-    def __init__(self, job: RunJob, rank: int, world: int, device: torch.device):
-        self.job, self.rank, self.world, self.device = job, rank, world, device
+    def __init__(self, job: RunJob, session: EncodeSession):
+        self.job, self.session = job, session
+        self.rank, self.world, self.device = session.rank, session.world, session.device
         self.start, self.lines_done = self._agree_on_start()
 
     def _agree_on_start(self) -> tuple[Position, int]:
@@ -59,14 +93,13 @@ class _Encoder:
         return everyone[0][1], everyone[0][2]
 
     def run(self) -> dict | None:
-        job, rank, world = self.job, self.rank, self.world
-        side = dist.new_group(backend="gloo", timeout=_timeout(job)) if world > 1 else None
-        feed = WindowFeed(Path(job.input), _tokenizer(job.shards), job.max_length, job.window, job.batch_size,
-                          self.start, rank, world, side)
-        try:
-            timer = SectionTimer(self.device)
-            self.sharded = sharded_model(read_shard_set(Path(job.shards)), rank, self.device, job.backend, job.router,
-                                         Collectives(timer=timer), timer, job.attention)
+        job, rank, world, session = self.job, self.rank, self.world, self.session
+        opts = job.options
+        feed = WindowFeed(job.input, _tokenizer(job.shards), opts.max_length, opts.window, opts.batch_size,
+                          self.start, rank, world, session.side)
+        try:  # the model loads while the feed tokenizes the first window
+            session.load(job.shards, opts.expert_backend, opts.attention, opts.router_spec)
+            self.sharded, timer = session.sharded, session.timer
             writer = RowWriter(job.layout, Path(job.journal)) if rank == 0 else None
             try:
                 stats = self._loop(feed, writer, timer)
@@ -81,17 +114,20 @@ class _Encoder:
     def _loop(self, feed: WindowFeed, writer: RowWriter | None, timer) -> dict:
         job, rank = self.job, self.rank
         forward_s, spreads = array("f"), array("f")
-        stats = {"tokens": 0, "padded": 0, "session_tokens": 0, "session_lines": 0, "truncated": 0, "token_end": self.start.token}
-        progress = _Progress(job.lines, self.lines_done) if job.show_progress and rank == 0 else None
+        stats = {"tokens": 0, "padded": 0, "session_tokens": 0, "session_lines": 0, "truncated": 0, "truncated_lines": [],
+                 "token_end": self.start.token}
+        progress = _Progress(job.lines, self.lines_done) if job.options.show_progress and rank == 0 else None
         started = time.perf_counter()
         try:
             for pw in feed:
                 release_free_memory()  # once a window: what the last one freed must not pile up
                 first = self.start.step if pw.first_line == self.start.line else 0
                 stats["truncated"] += pw.truncated
+                shown = stats["truncated_lines"]  # the first few, counted from 1, for the warning
+                shown += [pw.first_line + i + 1 for i in sorted(pw.truncated_at)][:SHOWN - len(shown)]
                 stats["token_end"] = pw.token_base + pw.tokens
                 if writer is not None and first == 0:
-                    writer.window(_window_record(pw), _line_offsets(pw) if job.pooling == "none" else None)
+                    writer.window(_window_record(pw), _line_offsets(pw) if job.options.pooling == "none" else None)
                 prefix = np.concatenate([[0], np.cumsum(pw.lengths)]).astype(np.int64)
                 for s in range(first, len(pw.steps)):
                     if s >= len(pw.steps) // 4:
@@ -101,7 +137,7 @@ class _Encoder:
                     t0 = time.perf_counter()
                     rows = self._encode(pw, step[rank], stats)
                     forward_s.append(time.perf_counter() - t0)
-                    gathered = self._gather(rows, tokens_G if job.pooling == "none" else [len(b) for b in step])
+                    gathered = self._gather(rows, tokens_G if job.options.pooling == "none" else [len(b) for b in step])
                     if writer is not None:
                         writer.rows({"window": pw.index, "step": s, "lines": sum(len(b) for b in step)},
                                     self._places(pw, step, prefix, gathered))
@@ -137,7 +173,7 @@ class _Encoder:
         ids, mask, gid = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True), gid.to(device, non_blocking=True)
         self.sharded.ctx.set_batch(mask, gid)
         hidden_BSD = self.sharded.hidden_states(ids, mask)
-        pooling, lengths = self.job.pooling, lengths.to(device)
+        pooling, lengths = self.job.options.pooling, lengths.to(device)
         if pooling == "score":
             return score_lines(self.sharded.model.lm_head, hidden_BSD[: len(mine)], ids[: len(mine)], lengths)
         if pooling == "none":
@@ -148,7 +184,7 @@ class _Encoder:
         else:
             weights_BS1 = mask[:, :, None].float()
             rows_ND = ((hidden_BSD.float() * weights_BS1).sum(1) / weights_BS1.sum(1).clamp_min(1.0))[: len(mine)]
-        return F.normalize(rows_ND, dim=-1) if self.job.normalize else rows_ND
+        return F.normalize(rows_ND, dim=-1) if self.job.options.normalize else rows_ND
 
     def _gather(self, rows_ND: torch.Tensor, sizes_G: list[int]) -> np.ndarray | None:
         """Every rank's rows on rank 0, in rank order, with one device-to-host copy."""
@@ -170,7 +206,7 @@ class _Encoder:
         for batch in step:
             for i in batch:
                 line = pw.first_line + i
-                if self.job.pooling != "none":
+                if self.job.options.pooling != "none":
                     places.append((layout.embedding_at(line), layout.encode(line, rows[at:at + 1])))
                     at += 1
                 else:
@@ -180,7 +216,7 @@ class _Encoder:
         return places
 
     def _report(self, stats: dict, mlps: dict, backend: str, timer) -> dict | None:
-        mine = {"rank": self.rank, "forward_s": list(stats["forward_s"]), "timer": timer.flush(),
+        mine = {"rank": self.rank, "pid": os.getpid(), "forward_s": list(stats["forward_s"]), "timer": timer.flush(),
                 "tokens": stats["tokens"], "padded": stats["padded"]}
         gathered = [None] * self.world if self.rank == 0 else None
         if self.world > 1:
@@ -193,7 +229,7 @@ class _Encoder:
                  for i, m in sorted(mlps.items()) if m.load.tokens_E is not None]
         return {"ranks": gathered, "layers": loads, "backend": backend, "loop_s": stats["loop_s"],
                 "session_tokens": stats["session_tokens"], "session_lines": stats["session_lines"],
-                "truncated": stats["truncated"], "token_end": stats["token_end"], "spreads": list(stats["spreads"])}
+                "truncated": stats["truncated"], "truncated_lines": stats["truncated_lines"], "token_end": stats["token_end"], "spreads": list(stats["spreads"])}
 
 
 LOGITS_BYTES = 1 << 28  # the LM head's logits are computed in chunks of at most this many bytes
@@ -238,10 +274,10 @@ def _tokenizer(shards: str):
                         "re-shard with this version of moeshard, which stores it as tokenizer.json") from exc
 
 
-def _timeout(job: RunJob):
+def _timeout(seconds: float):
     from datetime import timedelta
 
-    return timedelta(seconds=job.timeout)
+    return timedelta(seconds=seconds)
 
 
 class _Progress:

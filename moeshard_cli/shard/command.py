@@ -24,7 +24,7 @@ from moeshard_cli.dtypes import DTYPES
 from moeshard_cli.files import is_temporary, write_json_atomic
 from moeshard_cli.shard.manifest import DEFAULT_ROOT, FORMAT_VERSION, MANIFEST
 from moeshard_cli.options import flag
-from moeshard_cli.shard.plan import check_world, expert_layers, rank_file_name, slice_along, slice_bounds, sliced_dim, sliced_shape, tensor_bounds
+from moeshard_cli.shard.plan import check_world, expert_layers, held_by, rank_bounds, rank_cut, rank_file_name, slice_along, slice_bounds, sliced_shape
 from moeshard_cli.shard.writer import StreamingSafetensorsWriter
 
 OWN_FILES = {MANIFEST, "config.json", *TOKENIZER_FILES}
@@ -80,9 +80,10 @@ def rank_layouts(source: Source, bounds, dtype: torch.dtype):
     """Per rank, the ordered (name, shape, dtype) list its file will hold."""
     layouts = [[] for _ in bounds]
     for entry in source.tensors:
-        dim = sliced_dim(source.family, entry.name)
-        for rank, (lo, hi) in enumerate(bounds if dim is None else tensor_bounds(entry.shape, dim, len(bounds))):
-            layouts[rank].append((entry.name, entry.shape if dim is None else sliced_shape(entry.shape, dim, lo, hi), dtype))
+        for rank in range(len(bounds)):
+            if held_by(source.family, entry.name, rank):
+                cut = rank_cut(source.family, entry.name, *rank_bounds(source.family, entry.name, entry.shape, bounds, rank))
+                layouts[rank].append((entry.name, entry.shape if cut is None else sliced_shape(entry.shape, *cut), dtype))
     return layouts
 
 
@@ -108,20 +109,24 @@ def stream(source: Source, writers: list[StreamingSafetensorsWriter], bounds, dt
     Torch's own intra-op threads are turned off meanwhile: slicing copies are memory-bound, and
     on top of the pool they oversubscribe the cores (a strided copy ran 17x slower on 2 busy cores).
     """
-    kept = [(entry, sliced_dim(source.family, entry.name)) for entry in source.tensors]
+    family = source.family
     pool = ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 1, 2 * len(writers))), thread_name_prefix="moeshard-write")
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        tensor = kept[0][0].load().to(dtype) if kept else None
-        for i, (entry, dim) in enumerate(kept):
-            jobs, nbytes = [], 0
-            for writer, (lo, hi) in zip(writers, bounds if dim is None else tensor_bounds(entry.shape, dim, len(bounds))):
-                data = writer.prepare(entry.name, tensor if dim is None else slice_along(tensor, dim, lo, hi))
+        kept = source.tensors
+        tensor = kept[0].load().to(dtype) if kept else None
+        for i, entry in enumerate(kept):
+            jobs, nbytes, data = [], 0, None
+            for rank, writer in enumerate(writers):
+                if not held_by(family, entry.name, rank):
+                    continue
+                cut = rank_cut(family, entry.name, *rank_bounds(family, entry.name, entry.shape, bounds, rank))
+                data = writer.prepare(entry.name, tensor if cut is None else slice_along(tensor, *cut))
                 jobs += [pool.submit(writer.hash, data), pool.submit(writer.append, data)]
                 nbytes += data.nbytes
             del data
-            tensor = kept[i + 1][0].load().to(dtype) if i + 1 < len(kept) else None
+            tensor = kept[i + 1].load().to(dtype) if i + 1 < len(kept) else None
             for job in wait(jobs).done:
                 job.result()  # re-raises a failed write (a full disk) here
             advance(nbytes)
@@ -198,6 +203,8 @@ def shard(opts: ShardOptions, progress=None) -> ShardResult:
             "dims": asdict(dims), "d_ff": d_ff, "num_experts": dims.num_experts, "top_k": dims.top_k, "sparse_layers": sparse,
             "slices": [list(b) for b in bounds], "files": files, "tokenizer_files": tokenizer_files,
         }
+        if "dequantized_from" in source.extra:  # the rank files hold dequantized values of an mxfp4 / fp8 checkpoint
+            manifest["dequantized_from"] = source.extra["dequantized_from"]
         write_json_atomic(out / MANIFEST, manifest)
     except BaseException as exc:
         for writer in writers:

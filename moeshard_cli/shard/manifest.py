@@ -221,17 +221,35 @@ def verify_checksums(shards: ShardSet, entries: list[dict]) -> None:
         pass  # a read-only home only costs the next run a re-read
 
 
-def find_shard_sets(root: Path = DEFAULT_ROOT) -> list[Path]:
-    if not root.is_dir():
-        return []
-    return sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+DEMO_ROOT = Path("moeshard-demo")  # where `moeshard demo` leaves its set
 
 
-def default_shard_set() -> Path:
-    """The one shard set under ./moeshard-shards, as `moeshard shard` writes it by default."""
+def find_shard_sets(roots: tuple[Path, ...] = (DEFAULT_ROOT, DEMO_ROOT)) -> list[Path]:
+    """The complete shard sets one level under `roots` (default: ./moeshard-shards, ./moeshard-demo)."""
+    return sorted(p.parent for root in roots if root.is_dir() for p in root.glob(f"*/{MANIFEST}"))
+
+
+def default_shard_set(world: int | None = None, note=None) -> Path:
+    """The shard set `run` uses without --shards or --model: the one found in ./moeshard-shards or
+    ./moeshard-demo (for `world` workers when given); of several, the newest, named through `note`."""
     found = find_shard_sets()
-    if not found:
-        raise UserError(f"no shard set found under ./{DEFAULT_ROOT}", "run `moeshard shard` first, or pass --shards DIR")
-    if len(found) > 1:
-        raise UserError(f"several shard sets found: {', '.join(str(p) for p in found)}", "choose one with --shards DIR")
-    return found[0]
+    fits = [p for p in found if world is None or _world_of(p) == world]
+    if not fits:
+        where = f"./{DEFAULT_ROOT} or ./{DEMO_ROOT}"
+        if found:
+            raise UserError(f"no shard set for {world} workers under {where} (found {', '.join(str(p) for p in found)})",
+                            f"pass --model SOURCE --gpus {world} to cut one on first use, or --shards DIR")
+        raise UserError(f"no shard set found under {where}",
+                        "pass --model SOURCE --gpus N (e.g. --model tiny-switch --gpus 2) to cut one on first use, or --shards DIR")
+    newest = max(fits, key=lambda p: (p / MANIFEST).stat().st_mtime_ns)
+    if len(fits) > 1 and note:
+        others = ", ".join(str(p) for p in fits if p != newest)
+        note(f"using {newest}, the newest of {len(fits)} shard sets found (also: {others}); pass --shards DIR to choose")
+    return newest
+
+
+def _world_of(root: Path) -> int | None:
+    try:
+        return int(json.loads((root / MANIFEST).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -7,6 +7,8 @@ lists is replicated. Bad values raise ValueError; `moeshard shard` names the fla
 
 from __future__ import annotations
 
+from moeshard_cli.families import SHARED_EXPERT
+
 
 def slice_bounds(d_ff: int, world: int) -> list[tuple[int, int]]:
     """Split [0, d_ff) into `world` contiguous slices whose widths differ by at most one.
@@ -66,6 +68,42 @@ def sliced_dim(family, name: str) -> int | None:
     """The axis along which rank files cut tensor `name` (an expert matrix), or None (replicated)."""
     parsed = family.parse_expert_key(name)
     return family.sliced_dim(parsed[2]) if parsed else None
+
+
+def rank_bounds(family, name: str, shape: tuple[int, ...], bounds: list[tuple[int, int]], rank: int) -> tuple[int, int]:
+    """The d_ff slice [lo, hi) that rank `rank` cuts tensor `name` by: the manifest's `bounds` for routed
+    experts (and replicated tensors), a shared expert's own (tensor_bounds: it has another width)."""
+    parsed = family.parse_expert_key(name)
+    if parsed and parsed[1] == SHARED_EXPERT:
+        return tensor_bounds(shape, family.sliced_dim(parsed[2]), len(bounds))[rank]
+    return bounds[rank]
+
+
+def rank_cut(family, name: str, lo: int, hi: int) -> tuple[int, int, int] | None:
+    """(axis, start, stop) of tensor `name` that the rank with d_ff slice [lo, hi) holds, or None (all of it).
+
+    A matrix whose columns interleave gate and up (GPT-OSS's gate_up: g0, u0, g1, ...) has
+    `slice_steps` 2: the rank holds its columns [2 lo, 2 hi)."""
+    parsed = family.parse_expert_key(name)
+    dim = family.sliced_dim(parsed[2]) if parsed else None
+    if dim is None:
+        return None
+    step = getattr(family, "slice_steps", {}).get(parsed[2], 1)
+    return dim, step * lo, step * hi
+
+
+def held_by(family, name: str, rank: int) -> bool:
+    """Whether rank `rank`'s file holds tensor `name`: an expert's output bias (`one_rank`) is added
+    before the ranks' partial outputs are summed, so it lives on rank 0 alone."""
+    parsed = family.parse_expert_key(name)
+    return rank == 0 or not (parsed and parsed[2] in getattr(family, "one_rank", ()))
+
+
+def join_rank_parts(family, name: str, parts: list):
+    """A tensor of rank-file key `name` from every rank's part of it: expert slices joined, rank 0's otherwise."""
+    parsed = family.parse_expert_key(name)
+    dim = family.sliced_dim(parsed[2]) if parsed else None
+    return parts[0] if dim is None else join_slices(parts, dim)
 
 
 def expert_layers(family, names) -> list[int]:

@@ -19,6 +19,7 @@ def print_shard_summary(console: Console, result) -> None:
     rate = result.bytes_written / max(result.seconds, 1e-9)
     console.print(
         f"source [bold]{result.source.label}[/] ({result.source.kind}, {result.source.family.name}), {len(result.sparse_layers)} MoE layers x "
-        f"{dims.num_experts} experts per layer (top-{dims.top_k}), d_model {dims.d_model}, d_ff {dims.d_ff}, dtype {result.dtype}\n"
+        f"{dims.num_experts} experts per layer (top-{dims.top_k}), d_model {dims.d_model}, d_ff {dims.d_ff}, dtype {result.dtype}"
+        f"{', dequantized from ' + result.source.extra['dequantized_from'] if 'dequantized_from' in result.source.extra else ''}\n"
         f"wrote {human_bytes(result.bytes_written)} in {result.seconds:.1f} s ({human_bytes(rate)}/s) to [bold]{result.out}[/]"
     )

@@ -27,11 +27,12 @@ from typing import Callable
 import torch
 
 from moeshard_cli.shard import builtin
+from moeshard_cli.shard.dequant import dequantized, quantization
 from moeshard_cli.dtypes import FROM_SAFETENSORS
 from moeshard_cli.errors import UserError
 from moeshard_cli.families import family_of
 from moeshard_cli.families.table import refusal
-from moeshard_cli.shard.plan import join_slices
+from moeshard_cli.shard.plan import join_rank_parts, rank_cut
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TOKENIZER_FILES = (
@@ -47,6 +48,10 @@ class TensorEntry:
     shape: tuple[int, ...]
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
+    load_row: Callable[[int], torch.Tensor] | None = None  # index i of the first axis alone (one expert of a fused tensor)
+
+    def row(self, i: int) -> torch.Tensor:
+        return self.load_row(i) if self.load_row is not None else self.load()[i].clone()
 
 
 @dataclass
@@ -163,14 +168,18 @@ def _builtin_source(name: str) -> Source:
 def _hub_source(repo_id: str, revision: str | None) -> Source:
     from huggingface_hub import snapshot_download
 
-    fix = "pass a local checkpoint directory, or use a machine where the model is in the HF cache (HF_HOME) with HF_HUB_OFFLINE=1"
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS + ["*.safetensors", "*.safetensors.index.json"]))
-        if not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS + ["pytorch_model*.bin", "pytorch_model*.bin.index.json"]))
-    except Exception as exc:  # huggingface_hub raises many types: offline, not found, network, auth
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot fetch {repo_id} from the Hugging Face hub ({type(exc).__name__}: {reason[:160]})", fix) from exc
+    def fetch(patterns: list[str]) -> Path:
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        except Exception as exc:  # huggingface_hub raises many types: offline, not found, network, auth
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot fetch {repo_id} from the Hugging Face hub ({type(exc).__name__}: {reason[:160]})",
+                            "pass a local checkpoint directory, or use a machine where the model is in the HF cache (HF_HOME) with HF_HUB_OFFLINE=1") from exc
+
+    _read_config(fetch(["config.json"]))  # an unserved family or quantization is refused before the weights are downloaded
+    folder = fetch(HUB_PATTERNS + ["*.safetensors", "*.safetensors.index.json"])
+    if not any(folder.glob("*.safetensors")):
+        folder = fetch(HUB_PATTERNS + ["pytorch_model*.bin", "pytorch_model*.bin.index.json"])
     src = _local_source(folder, label=repo_id, kind="hub")
     src.revision = revision
     return src
@@ -200,7 +209,9 @@ def _read_config(path: Path):
     problem = family.check_config(raw, str(path))
     if problem:
         raise UserError(problem, "moeshard shards Mixture-of-Experts models: use a checkpoint with experts")
-    return family, family.config(raw)
+    quant = quantization(raw, str(path))  # refused here, before a weight is read
+    # the rank files hold dequantized tensors: their config must not claim otherwise
+    return family, family.config({k: v for k, v in raw.items() if k != "quantization_config"}), quant
 
 
 def _weight_files(path: Path) -> tuple[str, list[Path], dict[str, str] | None]:
@@ -241,7 +252,8 @@ def safetensors_entries(file: Path) -> dict[str, TensorEntry]:
             if key == "__metadata__":
                 continue
             (lo, hi), shape, dtype = info["data_offsets"], tuple(info["shape"]), FROM_SAFETENSORS[info["dtype"]]
-            entries[key] = TensorEntry(key, shape, dtype, functools.partial(_pread_tensor, file, base + lo, hi - lo, shape, dtype))
+            entries[key] = TensorEntry(key, shape, dtype, functools.partial(_pread_tensor, file, base + lo, hi - lo, shape, dtype),
+                                       functools.partial(_pread_row, file, base + lo, hi - lo, shape, dtype) if shape else None)
     except UserError:
         raise
     except Exception as exc:
@@ -275,13 +287,20 @@ def _pread_tensor(file: Path, offset: int, nbytes: int, shape: tuple[int, ...], 
     return buf.view(dtype).reshape(shape)
 
 
+def _pread_row(file: Path, offset: int, nbytes: int, shape: tuple[int, ...], dtype: torch.dtype, i: int) -> torch.Tensor:
+    """Index i of a tensor's first axis: a contiguous run of its bytes."""
+    step = nbytes // shape[0]
+    return _pread_tensor(file, offset + i * step, step, shape[1:], dtype)
+
+
 def _open_bin(file: Path) -> dict[str, TensorEntry]:
     try:
         state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:
         raise UserError(f"{file.name} is truncated or corrupt ({str(exc).splitlines()[0][:120]})", "download or copy that file again") from exc
     maps = _file_mappings(file)
-    return {k: TensorEntry(k, tuple(v.shape), v.dtype, functools.partial(_copy_out_of_map, v, maps)) for k, v in state.items()}
+    return {k: TensorEntry(k, tuple(v.shape), v.dtype, functools.partial(_copy_out_of_map, v, maps),
+                           (lambda i, v=v: _copy_out_of_map(v[i], maps)) if v.dim() else None) for k, v in state.items()}
 
 
 def _copy_out_of_map(tensor: torch.Tensor, maps: list[tuple[int, int]]) -> torch.Tensor:
@@ -320,25 +339,46 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 
 
 def _local_source(path: Path, label: str, kind: str) -> Source:
-    family, config = _read_config(path)
+    family, config, quant = _read_config(path)
     fmt, files, _ = _weight_files(path)
     on_disk: dict[str, TensorEntry] = {}
     for file in files:
         on_disk.update(safetensors_entries(file) if fmt == "safetensors" else _open_bin(file))
+    if quant:
+        on_disk = dequantized(on_disk, quant, str(path))
     names = set(on_disk)
-    available = {key: entry for name, entry in on_disk.items() if (key := family.rank_key(name, names))}
+    expected = family.expected_tensors(config)
+    available = one_expert_at_a_time({key: entry for name, entry in on_disk.items() if (key := family.rank_key(name, names))}, expected)
     if not any(family.parse_expert_key(k) for k in available):
         raise UserError(f"{path} has no expert weights (a dense model?)", f"use a {family.name} Mixture-of-Experts checkpoint")
     entries = []
-    for key, shape in family.expected_tensors(config).items():
+    for key, shape in expected.items():
         entry = available.get(key)
         if entry is None:
             raise UserError(f"{path} lacks tensor {key}", "the checkpoint is incomplete or does not match its config.json")
         if entry.shape != shape:
             raise UserError(f"{key} has shape {list(entry.shape)} but config.json implies {list(shape)}", "the checkpoint does not match its config.json")
         entries.append(TensorEntry(key, shape, entry.dtype, entry.load))
+    extra = {"format": fmt, "files": [f.name for f in files]} | ({"dequantized_from": quant["quant_method"]} if quant else {})
     return Source(label=label, kind=kind, family=family, config=config, tensors=entries, path=str(path.resolve()),
-                  tokenizer_dir=path, extra={"format": fmt, "files": [f.name for f in files]})
+                  tokenizer_dir=path, extra=extra)
+
+
+_ONE_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.+)$")
+
+
+def one_expert_at_a_time(available: dict[str, TensorEntry], expected: dict[str, tuple[int, ...]]) -> dict[str, TensorEntry]:
+    """Per-expert rank-file keys (`...experts.{e}.M`) that a checkpoint stores fused (`...experts.M`,
+    [E, ...], as GPT-OSS's are), each read as one expert's contiguous run of the fused tensor."""
+    out = dict(available)
+    for key in expected:
+        m = _ONE_EXPERT.match(key)
+        if key in out or m is None:
+            continue
+        fused, e = available.get(f"{m.group(1)}.{m.group(3)}"), int(m.group(2))
+        if fused is not None and e < fused.shape[0]:
+            out[key] = TensorEntry(key, tuple(fused.shape[1:]), fused.dtype, functools.partial(fused.row, e))
+    return out
 
 
 def _shard_set_source(path: Path, label: str) -> Source:
@@ -351,10 +391,11 @@ def _shard_set_source(path: Path, label: str) -> Source:
     family, config = shards.family, shards.family.config(shards.config)
 
     def load(key: str) -> torch.Tensor:
-        parsed = family.parse_expert_key(key)
-        if not parsed:
+        if rank_cut(family, key, 0, 1) is None:  # replicated, or on rank 0 only
             return ranks[0][key].load()
-        return join_slices([rank[key].load() for rank in ranks], family.sliced_dim(parsed[2]))
+        return join_rank_parts(family, key, [rank[key].load() for rank in ranks])
 
     entries = [TensorEntry(k, shape, ranks[0][k].dtype, functools.partial(load, k)) for k, shape in family.expected_tensors(config).items()]
-    return Source(label=label, kind="shard-set", family=family, config=config, tensors=entries, path=str(path.resolve()), tokenizer_dir=path)
+    extra = {"dequantized_from": shards.data["dequantized_from"]} if "dequantized_from" in shards.data else {}
+    return Source(label=label, kind="shard-set", family=family, config=config, tensors=entries, path=str(path.resolve()), tokenizer_dir=path,
+                  extra=extra)
