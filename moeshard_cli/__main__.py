@@ -1,3 +1,3 @@
-from moeshard_cli.cli import main
+from moeshard_cli.cli import script
 
-main()
+script()

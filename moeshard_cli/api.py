@@ -22,6 +22,7 @@ from moeshard_cli.run.command import run
 from moeshard_cli.run.options import RunOptions
 from moeshard_cli.shard.cache import model_shard_set, settle_shards
 from moeshard_cli.shard.manifest import read_shard_set
+from moeshard_cli.ui import Display
 
 API_ARGV = ["(moeshard Python API)"]  # what a journal names as the command; the API's outputs are temporary
 
@@ -34,7 +35,7 @@ def encode(texts: Iterable[str], model: str | Path, *, gpus: int | None = None, 
     "none": a list of `[tokens, d_model]` arrays, one per text. `options`: any other `moeshard run`
     option by its RunOptions name (window, attention, expert_backend, router, skew, hot_experts, seed, timeout)."""
     opts = _options(model=str(model), gpus=gpus, dtype=dtype, revision=revision, batch_size=batch_size, max_length=max_length,
-                    pooling=pooling, normalize=normalize, device=device, show_progress=progress, **options)
+                    pooling=pooling, normalize=normalize, device=device, progress=_display(progress), **options)
     return _rows(texts, opts, lambda: settle_shards(opts))
 
 
@@ -44,7 +45,7 @@ def score(texts: Iterable[str], model: str | Path, *, gpus: int | None = None, b
     the fields of `run --score`'s CSV: line, tokens, logprob (sum of log p over every token after
     the first) and mean_nll (NaN for a text of fewer than 2 tokens)."""
     opts = _options(model=str(model), gpus=gpus, dtype=dtype, revision=revision, batch_size=batch_size, max_length=max_length,
-                    score=True, device=device, show_progress=progress, **options)
+                    score=True, device=device, progress=_display(progress), **options)
     return _rows(texts, opts, lambda: settle_shards(opts))
 
 
@@ -84,13 +85,13 @@ class Pool:
                pooling: str | None = None, normalize: bool = False, progress: bool = False, **options) -> np.ndarray | list[np.ndarray]:
         """As `moeshard.encode`, on this pool's workers."""
         opts = _options(batch_size=batch_size, max_length=max_length, pooling=pooling, normalize=normalize,
-                        show_progress=progress, **{**self._defaults, **options})
+                        progress=_display(progress), **{**self._defaults, **options})
         return _rows(texts, opts, lambda: self._settle(opts, model), self._workers)
 
     def score(self, texts: Iterable[str], *, model: str | Path | None = None, batch_size: int = 32, max_length: int = 512,
               progress: bool = False, **options) -> np.ndarray:
         """As `moeshard.score`, on this pool's workers."""
-        opts = _options(batch_size=batch_size, max_length=max_length, score=True, show_progress=progress, **{**self._defaults, **options})
+        opts = _options(batch_size=batch_size, max_length=max_length, score=True, progress=_display(progress), **{**self._defaults, **options})
         return _rows(texts, opts, lambda: self._settle(opts, model), self._workers)
 
     def _settle(self, opts: RunOptions, model) -> None:
@@ -169,3 +170,10 @@ def _empty(opts: RunOptions):
     if opts.pooling == "none":
         return []
     return np.zeros((0, read_shard_set(opts.shards).dims.d_model), dtype=np.float32)
+
+
+def _display(progress: bool) -> Display:
+    """progress=True: a bar on a terminal, plain lines elsewhere (a notebook's log, a job's)."""
+    from rich.console import Console
+
+    return Display.choose(Console(), 0) if progress else Display("off")

@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -17,7 +17,9 @@ from moeshard_cli.choices import BUILTIN_MODELS, Dtype, complete_model
 from moeshard_cli.declare import command_options
 from moeshard_cli.run.options import RunOptions
 from moeshard_cli.shard.builtin import DEFAULT_MODEL
+from moeshard_cli.bench.options import BenchOptions
 from moeshard_cli.errors import Interrupted, UserError
+from moeshard_cli.options import flag_option, takes_options
 
 app = typer.Typer(
     name="moeshard",
@@ -41,7 +43,14 @@ def make_console(stderr: bool = False) -> Console:
 
 console = make_console()
 err_console = make_console(stderr=True)
-STATE = {"debug": False}
+STATE = {"debug": False, "verbosity": 0}  # verbosity: -1 with --quiet, 1 with --verbose
+
+
+def display():
+    """Progress as this invocation shows it: a bar on a terminal, plain lines in a log, none with -q."""
+    from moeshard_cli.ui import Display
+
+    return Display.choose(console, STATE["verbosity"])
 
 
 def _version(value: bool):
@@ -52,10 +61,14 @@ def _version(value: bool):
 
 @app.callback()
 def root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    quiet: Annotated[bool, flag_option("--quiet", "-q", help="No progress, only errors and the results (bench's table, the files written).")] = False,
+    verbose: Annotated[bool, flag_option("--verbose", "-v", help="More detail: bench's estimate in parts and each cell's result as it finishes.")] = False,
+    debug: Annotated[bool, flag_option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.", metavar="")] = False,
 ):
-    STATE["debug"] = debug
+    if quiet and verbose:
+        raise UserError("--quiet and --verbose exclude each other", "pass one of them")
+    STATE["debug"], STATE["verbosity"] = debug, verbose - quiet
     if not debug:  # torch's C++ side logs connection retries and stack traces straight to stderr
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
 
@@ -74,9 +87,12 @@ def shard(
     from moeshard_cli.ui import byte_progress
     from moeshard_cli.shard.command import ShardOptions, shard as do_shard
 
-    with byte_progress(console, "sharding") as progress:
+    with byte_progress(console, "sharding", display()) as progress:
         result = do_shard(ShardOptions(source, gpus, out, dtype, revision, force), progress)
-    print_shard_summary(console, result)
+    if STATE["verbosity"] < 0:
+        console.print(f"wrote {result.out}", highlight=False)
+    else:
+        print_shard_summary(console, result)
 
 
 @app.command()
@@ -86,13 +102,18 @@ def run(**flags):
     from moeshard_cli.run.report import print_run_summary
     from moeshard_cli.run.command import run as do_run
     from moeshard_cli.shard.cache import settle_shards
-    from moeshard_cli.ui import byte_progress
+    from moeshard_cli.ui import Display, byte_progress
 
-    opts = RunOptions(**flags, debug=STATE["debug"], show_progress=console.is_terminal)
-    with byte_progress(console, "sharding") as progress:  # seen only when --model cuts a set on first use
+    # --json -: standard output holds only the JSON, so no progress is drawn there
+    opts = RunOptions(**flags, debug=STATE["debug"], progress=Display("off") if str(flags["json_path"]) == "-" else display())
+    with byte_progress(console, "sharding", opts.progress) as progress:  # seen only when --model cuts a set on first use
         settle_shards(opts, progress, on_cut=_print_cut, note=lambda line: err_console.print(f"note: {escape(line)}"))
     summary = do_run(opts)
-    print_run_summary(err_console if str(opts.json_path) == "-" else console, summary)  # --json -: stdout holds only the JSON
+    out = err_console if str(opts.json_path) == "-" else console  # --json -: stdout holds only the JSON
+    if STATE["verbosity"] < 0:
+        out.print(f"wrote {summary.output}", highlight=False)
+    else:
+        print_run_summary(out, summary)
     if opts.json_path and summary.result is not None:  # only the node that hosts rank 0 has the figures
         write_json_or_stdout(opts.json_path, summary.figures())
 
@@ -116,54 +137,33 @@ def _print_cut(result) -> None:
 
 
 @app.command()
-def bench(
-    skew: str = typer.Option("0.6", "--skew", help="Router skew, or a comma list to compare (e.g. 0,0.6); 0 is uniform."),
-    hot_experts: float = typer.Option(0.1, "--hot-experts", help="Fraction of experts that get the extra probability."),
-    experts: str = typer.Option("8,32,128", "--experts", help="Comma list of expert counts (built-in switch-base-E models; ignored with --model)."),
-    batch_sizes: str = typer.Option("8", "--batch-sizes", help="Comma list of sequences per worker."),
-    seq_len: int = typer.Option(120, "--seq-len", help="Tokens per sequence."),
-    gpus: Optional[int] = typer.Option(None, "--gpus", help="Workers (default: GPUs on CUDA, 2 on CPU)."),
-    iters: int = typer.Option(10, "--iters", help="Timed forwards per system and configuration (slow systems get fewer, at least 3)."),
-    warmup: int = typer.Option(2, "--warmup", help="Untimed forwards first."),
-    systems: str = typer.Option("moeshard,deepspeed,ep", "--systems", help="Comma list from moeshard, deepspeed, deepspeed-dropless, ep, hf (transformers' experts, full copies), tp (transformers' tensor-parallel plan, decoder families)."),
-    capacity_factor: Optional[float] = typer.Option(None, "--capacity-factor", help="DeepSpeed's capacity factor (default: min(E, 50), as the paper)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Benchmark this checkpoint, shard set or built-in (e.g. tiny-qwen3-moe, qwen3-moe-mid, olmoe-mid, mixtral-mid, deepseek-v3-mid) instead of switch-base-E."),
-    per_layer: bool = typer.Option(False, "--per-layer", help="Also time each MoE layer (paper section 4.2)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every raw sample, the configuration and the machine as JSON."),
-    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: latency per system (median, p10-p90) and speedup, along each swept axis."),
-    paper: bool = typer.Option(False, "--paper", help="The paper's sweep for a 4-GPU node: experts 8-256, batch 10-450, seq 120, 4 workers."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    seed: int = typer.Option(0, "--seed", help="Seed of inputs and router draws."),
-    max_cell_seconds: float = typer.Option(12.0, "--max-cell-seconds", help="Time budget per system and configuration before repeats are cut (min 3)."),
-    timeout: float = typer.Option(900.0, "--timeout", help="Seconds a collective may wait before the bench fails."),
-):
+@takes_options(BenchOptions)
+def bench(opts: BenchOptions):
     """Compare MoEShard with DeepSpeed-MoE, expert parallelism and transformers (its experts, its tensor-parallel plan), as in the paper."""
+    opts.check_values()  # before torch's import: a wrong value is refused at once
+    from moeshard_cli.bench.command import bench as do_bench, check_machine, default_workers, estimate
     from moeshard_cli.bench.report import plot as write_plot, print_tables, write_json
-    from moeshard_cli.bench.command import BenchOptions, bench as do_bench, estimate_seconds, parse_list
+    from moeshard_cli.launch import pick_device
+    from moeshard_cli.ui import human_seconds
 
-    opts = BenchOptions(
-        skews=parse_list(skew, float, "--skew"), hot_experts=hot_experts, experts=parse_list(experts, int, "--experts"),
-        batch_sizes=parse_list(batch_sizes, int, "--batch-sizes"), seq_len=seq_len, gpus=gpus, iters=iters, warmup=warmup,
-        systems=parse_list(systems, str, "--systems"), capacity_factor=capacity_factor, model=model, per_layer=per_layer,
-        device=device, seed=seed, max_cell_seconds=max_cell_seconds, timeout=timeout, json_path=json_path, plot_path=plot_path,
-        debug=STATE["debug"], show_progress=console.is_terminal,
-    )
-    if paper:
-        opts.use_paper_sweep()
-    opts.validate()
-    console.print(f"estimated time: about {estimate_seconds(opts, opts.gpus or 2) / 60:.1f} min (a FLOP-count guess)")
-    result = do_bench(opts)
-    print_tables(console, result, per_layer)
-    if json_path:  # first: a plot that fails must not lose the samples
-        write_json(json_path, result)
-        console.print(f"wrote {json_path}")
-    if plot_path:
+    check_machine(opts)
+    show = display()
+    est = estimate(opts, opts.gpus or default_workers(pick_device(opts.device, opts.gpus or 1)))
+    if show.mode != "off":
+        parts = f" ({', '.join(f'{name} {human_seconds(s)}' for name, s in est.parts.items())}; the machine {est.slowdown:.1f}x slower than idle)" if show.verbose else ""
+        console.print(f"estimated time: about {human_seconds(est.total_s)}{parts}", highlight=False)
+    result = do_bench(opts, show, STATE["debug"], est)
+    print_tables(console, result, opts.per_layer)
+    if opts.json_path:  # first: a plot that fails must not lose the samples
+        write_json(opts.json_path, result)
+        console.print(f"wrote {opts.json_path}")
+    if opts.plot_path:
         try:
-            write_plot(plot_path, result)
+            write_plot(opts.plot_path, result)
         except Exception as exc:
-            kept = f"the samples are in {json_path}" if json_path else "the tables above hold the results; --json keeps every sample"
-            raise UserError(f"cannot draw --plot {plot_path} ({type(exc).__name__}: {str(exc).strip()[:120]})", kept) from exc
-        console.print(f"wrote {plot_path}")
+            kept = f"the samples are in {opts.json_path}" if opts.json_path else "the tables above hold the results; --json keeps every sample"
+            raise UserError(f"cannot draw --plot {opts.plot_path} ({type(exc).__name__}: {str(exc).strip()[:120]})", kept) from exc
+        console.print(f"wrote {opts.plot_path}")
 
 
 @app.command()
@@ -174,7 +174,15 @@ def demo(
     """Shard the built-in tiny-switch, encode a sample corpus across workers, check against transformers."""
     from moeshard_cli.demo import run_demo
 
-    run_demo(console, gpus, out, debug=STATE["debug"])
+    run_demo(console, gpus, out, debug=STATE["debug"], display=display())
+
+
+def script() -> None:
+    """The `moeshard` command (console script, `python -m moeshard_cli`): a process of its own, so its CPU workers can fork."""
+    from moeshard_cli.launch import fork_cpu_workers
+
+    fork_cpu_workers()
+    main()
 
 
 def main() -> None:

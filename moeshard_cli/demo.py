@@ -16,7 +16,7 @@ from moeshard_cli.shard.manifest import read_shard_set
 from moeshard_cli.reference import reference_model, reference_outputs
 from moeshard_cli.run.report import print_run_summary
 from moeshard_cli.shard.report import print_shard_summary
-from moeshard_cli.ui import byte_progress
+from moeshard_cli.ui import Display, byte_progress
 from moeshard_cli.run.command import RunOptions, run
 from moeshard_cli.run.inputs import input_spec, read_windows, tokenize
 from moeshard_cli.shard.command import ShardOptions, shard
@@ -24,21 +24,21 @@ from moeshard_cli.shard.command import ShardOptions, shard
 TOLERANCE = 1e-4
 
 
-def run_demo(console: Console, gpus: int, out: Path, debug: bool = False) -> float:
+def run_demo(console: Console, gpus: int, out: Path, debug: bool = False, display: Display = Display()) -> float:
     corpus = Path(str(files("moeshard_cli") / "data" / "sample.txt"))
     shards_dir = out / f"{DEFAULT_MODEL}-w{gpus}"
     options = ShardOptions(DEFAULT_MODEL, gpus, shards_dir, force=True)
     options.validate()
     pick_device("auto", gpus)  # before writing anything: can this machine host that many workers?
     console.rule(f"1. moeshard shard {DEFAULT_MODEL} --gpus {gpus} --out {shards_dir} --force")
-    with byte_progress(console, "sharding") as progress:
+    with byte_progress(console, "sharding", display) as progress:
         result = shard(options, progress=progress)
     print_shard_summary(console, result)
 
     output = out / "sample.moeshard.safetensors"
     console.rule(f"2. moeshard run --shards {shards_dir} --input {corpus.name} --batch-size 4")
     summary = run(RunOptions(input=corpus, shards=shards_dir, output=output, batch_size=4, debug=debug, restart=True, force=True,
-                             show_progress=console.is_terminal,
+                             progress=display,
                              argv=["run", "--shards", str(shards_dir), "--input", str(corpus), "--output", str(output), "--batch-size", "4"]))
     print_run_summary(console, summary)
 

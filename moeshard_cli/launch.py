@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import importlib
 import logging
 import math
 import multiprocessing
@@ -90,7 +91,7 @@ def pick_device(requested: str, local_workers: int) -> str:
 
 
 def launch(entrypoint, job, world: int, nnodes: int = 1, node_rank: int = 0, endpoint: str | None = None,
-           debug: bool = False, timeout: float = 600) -> dict:
+           debug: bool = False, timeout: float = 600, device: str = "cpu", preload: tuple[str, ...] = ()) -> dict:
     """Run `entrypoint(job)` on every local rank; returns {global rank: return value} for this node.
 
     A dead worker raises a UserError naming its rank (worker logs are kept); Ctrl-C and SIGTERM
@@ -123,7 +124,7 @@ def launch(entrypoint, job, world: int, nnodes: int = 1, node_rank: int = 0, end
         rdzv_configs={"join_timeout": math.ceil(timeout), "read_timeout": max(1, math.ceil(timeout / 3)),
                       "listen_fd": where.listen_fd, "bind": where.bind},
         max_restarts=0,
-        monitor_interval=0.1, start_method="spawn",
+        monitor_interval=0.1, start_method=_start_method(device, preload),
         logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ERR, tee=Std.ERR if debug else Std.NONE),
     )
     os.environ[PARENT_ENV] = str(os.getpid())
@@ -156,6 +157,34 @@ def launch(entrypoint, job, world: int, nnodes: int = 1, node_rank: int = 0, end
     shutil.rmtree(log_dir, ignore_errors=True)
     # the launcher numbers ranks by its own node order; the workers ran with node_rank's
     return {node_rank * local + r % local: value for r, value in returned.items()}
+
+
+_FORK = {"cpu workers": False}
+
+
+def fork_cpu_workers() -> None:
+    """Called by the `moeshard` command's own process, which computes nothing with torch before it
+    launches: its CPU workers may fork from it (see `_start_method`)."""
+    _FORK["cpu workers"] = True
+
+
+def _start_method(device: str, preload: tuple[str, ...]) -> str:
+    """Fork CPU workers from a launcher that has imported their modules (`preload`: torch, transformers)
+    where that is safe: spawned, each worker paid seconds of CPU to import them again, most of a short
+    run's time with 4 workers on 2 cores. Only the `moeshard` command forks: in a process that has run
+    an OpenMP parallel region (a library caller's, a test's), a forked worker hangs at its first
+    multi-threaded op. CUDA workers are always spawned: a CUDA runtime must not be forked. A caller that
+    computes before it launches (bench builds its weights) passes no `preload` and spawns."""
+    if device != "cpu" or not preload or not _FORK["cpu workers"]:
+        return "spawn"
+    for module in preload:
+        try:
+            importlib.import_module(module)
+        except ImportError:  # a family whose module is named otherwise: its workers import it themselves
+            pass
+    sys.stdout.flush()  # a forked worker flushes what it inherited: the launcher's lines would print twice
+    sys.stderr.flush()
+    return "fork"
 
 
 # ---------------------------------------------------------------- the rendezvous: who listens where
@@ -400,11 +429,20 @@ def as_node_rank(payload: bytes, node_rank: int):
     imports (transformers, deepspeed: seconds during which a SIGKILLed launcher left it running);
     take the global rank from --node-rank and the local rank; then run."""
     die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a forked worker inherits the launcher's handlers
+        signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a Ctrl-C held since spawn ends it here
     entrypoint, job = pickle.loads(payload)
     os.environ["RANK"] = str(node_rank * int(os.environ["LOCAL_WORLD_SIZE"]) + int(os.environ["LOCAL_RANK"]))
+    _name_process(f"moeshard-w{os.environ['RANK']}")
     return entrypoint(job)
+
+
+def _name_process(name: str) -> None:
+    """What `ps -o comm`, `top` and psutil show for this worker: a forked one would look like its launcher."""
+    if _LIBC is not None:
+        PR_SET_NAME = 15
+        _LIBC.prctl(PR_SET_NAME, name.encode()[:15])
 
 
 def describe_failure(failure) -> str:

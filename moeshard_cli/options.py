@@ -11,8 +11,15 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
+import typer
+
 from moeshard_cli.errors import UserError
-from moeshard_cli.moe.routing import check_hot_experts, check_router, check_skew
+
+
+def flag_option(*names: str, help: str):
+    """An on/off flag, for `Annotated[bool, flag_option(...)] = False`. Its empty metavar keeps help
+    from reading `--debug <bool>`, as if the flag took a value."""
+    return typer.Option(*names, help=help, metavar="")
 
 
 @contextmanager
@@ -25,6 +32,8 @@ def flag(name: str, fix: str):
 
 
 def check_router_flags(kind: str, skews: list[float], hot_experts: float) -> None:
+    from moeshard_cli.moe.routing import check_hot_experts, check_router, check_skew  # (imports torch: the choices are checked first)
+
     with flag("--router", "use --router model or --router skewed"):
         check_router(kind)
     for skew in skews:
@@ -57,3 +66,24 @@ def endpoint(value: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UserError(f"--rdzv-endpoint {value!r} is not HOST:PORT", "give node 0's address and a free port, e.g. --rdzv-endpoint node0:29400")
     return host.strip("[]"), int(port)
+
+
+def takes_options(cls):
+    """Decorator of a command whose flags are the fields of dataclass `cls` (each annotated with its
+    typer.Option): typer reads the signature of `cls`, and the command gets one `cls` instance."""
+    import functools
+    import inspect
+    import typing
+
+    def wrap(command):
+        @functools.wraps(command)
+        def with_options(**flags):
+            return command(cls(**flags))
+
+        hints = typing.get_type_hints(cls, include_extras=True)
+        params = [p.replace(annotation=hints[p.name]) for p in inspect.signature(cls).parameters.values()]
+        with_options.__signature__ = inspect.Signature(params)
+        with_options.__annotations__ = {p.name: p.annotation for p in params}
+        return with_options
+
+    return wrap

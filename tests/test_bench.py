@@ -84,29 +84,51 @@ def test_workers_are_tied_to_the_launcher_before_their_heavy_imports(monkeypatch
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
+    """Piped (as in CI, nohup or Slurm): plain progress lines, here every forward (the interval is 0), and -v's line per cell."""
     out = tmp_path_factory.mktemp("bench")
-    args = ["bench", "--model", "tiny-switch", "--batch-sizes", "2,3", "--seq-len", "16", "--iters", "3", "--warmup", "1",
+    args = ["-v", "bench", "--model", "tiny-switch", "--batch-sizes", "2,3", "--seq-len", "16", "--iters", "3", "--warmup", "1",
             "--skew", "0,0.6", "--systems", "moeshard,ep,deepspeed,deepspeed-dropless,hf", "--capacity-factor", "1",
             "--per-layer", "--json", out / "bench.json", "--plot", out / "fig.png"]
-    code, stdout, stderr = run_cli(args, timeout=240)
+    code, stdout, stderr = run_cli(args, env={"MOESHARD_PROGRESS_SECONDS": "0"}, timeout=240)
     assert code == 0, stderr
     return json.loads((out / "bench.json").read_text()), stdout, out
 
 
 def test_json_layout(tiny_sweep):
+    from moeshard_cli import __version__
+
     result, stdout, _ = tiny_sweep
-    assert {"config", "machine", "started", "seconds", "cells"} <= set(result)
+    assert {"moeshard", "config", "machine", "started", "seconds", "estimate", "phases", "cells"} <= set(result)
+    assert result["moeshard"] == __version__
     for key in ("torch", "transformers", "deepspeed", "cpu", "cores"):
         assert key in result["machine"]
-    assert result["config"]["workers"] == 2 and result["config"]["skews"] == [0.0, 0.6]
+    config = result["config"]
+    assert config["workers"] == 2 and config["skews"] == [0.0, 0.6] and config["batch_sizes"] == [2, 3]
+    assert config["model"] == "tiny-switch" and "experts" not in config  # --model made the expert counts moot
+    assert result["estimate"]["slowdown"] >= 1 and set(result["estimate"]["parts"]) == {"start-up", "model set-up", "forwards"}
+    assert 0 < result["phases"]["start_s"] < result["seconds"] and set(result["phases"]["model_setup_s"]) == {"tiny-switch"}
     cells = result["cells"]
     assert len(cells) == 2 * 2 * 5  # batch sizes x skews x systems
     for c in cells:
         assert c["skipped"] is None
-        assert len(c["samples"]) == 3 and all(s > 0 for s in c["samples"])
-        assert set(c["per_layer"]) == {"1", "3"} and all(len(v) == 3 for v in c["per_layer"].values())
+        # milliseconds, as the tables: a forward of the tiny model takes more than 0.1 ms and less than 60 s
+        assert len(c["samples_ms"]) == 3 and all(0.1 < s < 60_000 for s in c["samples_ms"])
+        assert set(c["per_layer_ms"]) == {"1", "3"} and all(len(v) == 3 for v in c["per_layer_ms"].values())
+        assert max(max(v) for v in c["per_layer_ms"].values()) < max(c["samples_ms"])  # a layer is part of the forward
         assert {"experts", "batch_size", "seq_len", "skew", "system", "dropped_pct", "imbalance", "max_abs_diff_vs_moeshard"} <= set(c)
     assert "TTFT" in stdout and "MoE layer latency" in stdout
+
+
+def test_a_piped_bench_prints_progress_lines_and_verbose_cells(tiny_sweep):
+    """Not a terminal: a plain line (cells done, the current one, elapsed, ETA) instead of a bar; -v adds each
+    finished cell's median and the estimate's parts."""
+    stdout = tiny_sweep[1]
+    lines = [line for line in stdout.splitlines() if line.startswith("bench: ")]
+    assert lines and all(" cells (" in line and "elapsed 0:" in line for line in lines)
+    assert any(", ETA 0:" in line for line in lines)
+    assert any(line.startswith("bench: 20/20 cells (100%)") for line in lines)
+    assert "estimated time: about " in stdout and "(start-up " in stdout and "forwards " in stdout
+    assert len([line for line in stdout.splitlines() if line.startswith("tiny-switch B=") and line.endswith(" median of 3")]) == 20
 
 
 def test_dropless_systems_agree_and_dropping_differs(tiny_sweep):
@@ -138,10 +160,12 @@ def test_plot_is_a_png(tiny_sweep):
 def test_a_cells_dropped_tokens_do_not_depend_on_the_cells_before_it(tiny_sweep, tmp_path):
     """The sweep's last cell (batch 3, skew 0.6) ran after three others on the same DeepSpeed layers;
     alone, it must report the same dropped share (the counters are reset per cell)."""
-    args = ["bench", "--model", "tiny-switch", "--batch-sizes", "3", "--seq-len", "16", "--iters", "3", "--warmup", "1",
+    args = ["-q", "bench", "--model", "tiny-switch", "--batch-sizes", "3", "--seq-len", "16", "--iters", "3", "--warmup", "1",
             "--skew", "0.6", "--systems", "moeshard,deepspeed", "--capacity-factor", "1", "--json", tmp_path / "alone.json"]
-    code, _, stderr = run_cli(args, timeout=240)
+    code, stdout, stderr = run_cli(args, env={"MOESHARD_PROGRESS_SECONDS": "0"}, timeout=240)
     assert code == 0, stderr
+    # -q: the results only, no estimate and no progress lines even at a zero interval
+    assert "estimated time" not in stdout and "bench: " not in stdout and "TTFT" in stdout and "wrote " in stdout
     alone = {c["system"]: c for c in json.loads((tmp_path / "alone.json").read_text())["cells"]}
     swept = {c["system"]: c for c in tiny_sweep[0]["cells"] if c["batch_size"] == 3 and c["skew"] == 0.6}
     earlier = [c["dropped_pct"] for c in tiny_sweep[0]["cells"] if c["system"] == "deepspeed" and (c["batch_size"], c["skew"]) != (3, 0.6)]
@@ -153,10 +177,10 @@ def hand_made_result(configs: list[tuple[int, int, float]], systems=("moeshard",
     """A bench result without a bench: each system is a fixed factor slower than moeshard."""
     factor = {"moeshard": 1.0, "deepspeed": 8.0, "ep": 1.2}
     cells = [{"experts": E, "model": f"switch-base-{E}", "batch_size": B, "seq_len": 16, "skew": skew, "workers": 2,
-              "system": s, "samples": [0.01 * B * factor[s] * (1 + i / 10) for i in range(5)], "per_layer": None,
+              "system": s, "samples_ms": [10 * B * factor[s] * (1 + i / 10) for i in range(5)], "per_layer_ms": None,
               "skipped": None, "imbalance": 1.0, "max_abs_diff_vs_moeshard": 0.0, "dropped_pct": 0.0}
              for E, B, skew in configs for s in systems]
-    cells[-1] |= {"samples": [], "skipped": "over the time budget"}  # skipped cells are left out
+    cells[-1] |= {"samples_ms": [], "skipped": "over the time budget"}  # skipped cells are left out
     return {"config": {"model": None, "workers": 2, "device": "cpu", "seq_len": 16, "hot_experts": 0.1, "capacity_factor": None},
             "machine": {"cpu": "test CPU", "cores": 2}, "started": "", "seconds": 0.0, "cells": cells}
 
@@ -240,7 +264,7 @@ def test_decoder_systems_agree_with_moeshard(decoder_sweep):
             cell = by[system, skew]
             assert cell["skipped"] is None, cell
             assert cell["max_abs_diff_vs_moeshard"] <= 1e-4 and cell["dropped_pct"] == 0.0, cell
-            assert len(cell["samples"]) == 3
+            assert len(cell["samples_ms"]) == 3
     assert by["ep", 0.6]["imbalance"] > by["ep", 0.0]["imbalance"]  # hot experts pile onto one worker
     assert by["tp", 0.6]["imbalance"] == by["moeshard", 0.6]["imbalance"] == 1.0
 
@@ -258,3 +282,21 @@ def test_tp_refuses_slices_it_cannot_run(tmp_path):
     assert isinstance(qwen, Skip) and "16 bytes" in qwen.reason and "F=38" in qwen.reason
     switch = _tensor_parallel(resolve("tiny-switch"), tmp_path, 0, 2, torch.device("cpu"))
     assert isinstance(switch, Skip) and "Switch" in switch.reason
+
+
+def test_the_progress_is_paced_by_each_cells_estimate():
+    """The ETA's units are the estimate's seconds per cell (cells differ a hundredfold): the worker must find
+    every cell's and every model's set-up estimate under the keys the command made them, none falling back."""
+    from moeshard_cli.bench.command import START_S, estimate, slowdown
+    from moeshard_cli.bench.options import BenchOptions
+    from moeshard_cli.bench.worker import BenchJob, _Progress
+    from moeshard_cli.ui import Display
+
+    opts = BenchOptions(model="tiny-switch", skew="0,0.6", batch_sizes="2,64", systems="moeshard,ep")
+    est = estimate(opts, 2, slower=3.0)
+    assert est.slowdown == 3.0 and est.parts["start-up"] == 3 * START_S  # DeepSpeed's start-up is not in it
+    progress = _Progress(BenchJob(opts, "run-id", "cpu", Display("off"), est.cells))
+    assert progress.weight == est.cells and len(est.cells) == 1 + 2 * 2 * 2
+    assert progress.tracker.total == pytest.approx(est.parts["model set-up"] + est.parts["forwards"])
+    assert est.cells["tiny-switch", 64, 0.0, "moeshard"] > est.cells["tiny-switch", 2, 0.0, "moeshard"]
+    assert 1.0 <= slowdown(0.01) < 1000

@@ -7,6 +7,7 @@ moeshard's own time plus the interpreter's start.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -47,6 +48,7 @@ USAGE = [
     (["run", "--inptu", "x.txt"], "No such option: --inptu"),
     (["frobnicate"], "No such command 'frobnicate'"),
     (["bench", "--iters", "many"], "Invalid value for '--iters'"),
+    (["bench", "--device", "tpu"], "Invalid value for '--device': Value error, 'tpu' is not one of 'auto', 'cpu', 'cuda'"),
 ]
 
 
@@ -61,7 +63,9 @@ def test_help_and_version_import_neither_torch_nor_transformers():
     probe = textwrap.dedent("""
         import sys
         from moeshard_cli.cli import main
-        for argv in (["moeshard", "--help"], ["moeshard", "run", "--help"], ["moeshard", "--version"], ["moeshard", "bench", "--iters", "x"]):
+        for argv in (["moeshard", "--help"], ["moeshard", "run", "--help"], ["moeshard", "--version"], ["moeshard", "bench", "--iters", "x"],
+                     ["moeshard", "bench", "--device", "tpu"], ["moeshard", "bench", "--systems", "moeshard,megatron"],
+                     ["moeshard", "bench", "--gpus", "0"], ["moeshard", "bench", "--experts", "8,x"]):
             sys.argv = argv
             try:
                 main()
@@ -71,6 +75,7 @@ def test_help_and_version_import_neither_torch_nor_transformers():
     """)
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "100"})
     assert proc.stderr.strip().splitlines()[-1] == "[]"
+    assert "unknown system megatron: choose from moeshard, deepspeed," in proc.stderr and "--gpus 0 must be at least 1" in proc.stderr
     assert "moeshard 0.1.0" in proc.stdout and "--install-completion" in proc.stdout  # shell completion is on
 
 
@@ -120,7 +125,7 @@ def test_completion_offers_the_choices_and_the_built_in_models():
     from moeshard_cli.families import builtin_names
 
     assert list(BUILTIN_MODELS) == builtin_names()  # the torch-free list is the families' own
-    assert complete_model("tiny-") == ["tiny-switch", "tiny-qwen3-moe", "tiny-olmoe", "tiny-mixtral"]
+    assert complete_model("tiny-qwen3") == ["tiny-qwen3-moe"] and "tiny-switch" in complete_model("tiny-")
     env = {"_MOESHARD_COMPLETE": "complete_bash", "COMP_WORDS": "moeshard run --pooling ", "COMP_CWORD": "3"}
     code, out, _ = console_script([], env=env)
     assert code == 0 and out.split() == ["mean", "last", "none"]
@@ -170,13 +175,17 @@ BAD_BENCH = [
     (["--timeout", "0"], "--timeout 0 must be at least 1"),
     (["--timeout", "-5"], "--timeout -5 must be at least 1"),
     (["--capacity-factor", "0"], "--capacity-factor 0 must be positive"),
-    (["--device", "tpu"], "--device tpu is unknown"),
+    (["--systems", "moeshard,deepspeed,megatron"], "--systems names unknown system megatron"),
+    (["--experts", "0,8"], "--experts must be positive"),
 ]
 
 
 @pytest.mark.parametrize("extra, message", BAD_BENCH, ids=[" ".join(a) for a, _ in BAD_BENCH])
-def test_bad_bench_values_are_one_line(extra, message):
-    code, out, err = invoke(["bench", *extra])
+def test_bad_bench_values_are_one_line(extra, message, monkeypatch):
+    """Without the bench extra (deepspeed, psutil, matplotlib) too: the wrong value is named, not the extra."""
+    for name in ("deepspeed", "psutil", "matplotlib"):
+        monkeypatch.setitem(sys.modules, name, None)  # what find_spec reads as not installed
+    code, out, err = invoke(["bench", *extra, "--plot", "fig.png"])
     assert code == 2 and one_line(err).startswith(f"error: {message}")
     assert "estimated time" not in out  # refused before anything started
 
@@ -344,10 +353,14 @@ def test_sigterm_during_shard_cleans_up_and_exits_143(tmp_path):
 
 def test_piped_tables_keep_their_columns(w2):
     """Not a terminal (as in CI logs or `| tee`), and no COLUMNS: rich must not cut the table to 80 columns."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"MOESHARD_PROGRESS_SECONDS": "0"}
     proc = subprocess.run([sys.executable, "-m", "moeshard_cli", *map(str, run_with(w2, "--restart"))], capture_output=True,
-                          text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "COLUMNS"})
+                          text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "wall time (command / encode loop)" in proc.stdout and "\u2026" not in proc.stdout
+    # and a plain progress line instead of the terminal's bar (here after every step: the interval is 0)
+    progress = [line for line in proc.stdout.splitlines() if line.startswith("encoding: ")]
+    assert progress and progress[-1].startswith("encoding: 2/2 lines (100%), ") and " tok/s, elapsed 0:00:" in progress[-1]
 
 
 def test_piped_bench_table_keeps_its_columns(monkeypatch):
@@ -408,12 +421,12 @@ def test_a_broken_matplotlib_is_refused_before_the_bench(tmp_path):
 
 def test_an_internal_error_is_one_line_that_asks_for_debug(monkeypatch):
     """The catch-all itself once failed (click.Exit is gone from typer's click): 40 lines of traceback, exit 1."""
-    from moeshard_cli.bench import command
+    from moeshard_cli.bench.options import BenchOptions
 
     def broken(self):
         raise RuntimeError("an internal error\nwith a second line")
 
-    monkeypatch.setattr(command.BenchOptions, "validate", broken)
+    monkeypatch.setattr(BenchOptions, "check_values", broken)
     code, _, err = invoke(["bench"])
     assert code == 1 and one_line(err) == "error: RuntimeError: an internal error: rerun with --debug for the traceback and report it"
 
@@ -430,3 +443,93 @@ def test_a_bad_skew_list_gets_a_skew_example():
     code, _, err = invoke(["bench", "--skew", "0,abc"])
     line = one_line(err)
     assert code == 2 and "--skew '0,abc' is not a list of numbers" in line and "e.g. --skew 0,0.6" in line and "8,32,128" not in line
+
+
+# ---------------------------------------------------------------- progress in logs, -q, -v; bench's table at 80 columns
+
+
+def test_progress_is_a_bar_on_a_terminal_lines_in_a_log_and_nothing_with_quiet(capsys, monkeypatch):
+    from rich.console import Console
+
+    from moeshard_cli.ui import Display, count_of
+
+    monkeypatch.setenv("MOESHARD_PROGRESS_SECONDS", "7")
+    assert Display.choose(Console(force_terminal=True), 0) == Display("bar", False, 7.0)
+    assert Display.choose(Console(file=io.StringIO()), 1) == Display("lines", True, 7.0)
+    assert Display.choose(Console(force_terminal=True), -1).mode == "off"
+
+    tracker = Display("lines", interval_s=0).tracker("encoding", 20_000, done=5_000, count=count_of("lines"))
+    tracker.advance(5_000, "1,234 tok/s")
+    tracker.advance(2_500)
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.startswith("encoding: 10,000/20,000 lines (50%), 1,234 tok/s, elapsed 0:00:00, ETA 0:00:")
+    assert second.startswith("encoding: 12,500/20,000 lines (62%), 1,234 tok/s, elapsed 0:00:00, ETA 0:00:")
+
+    slow = Display("lines", interval_s=3600).tracker("encoding", 10)  # nothing until the interval has passed
+    quiet = Display("off").tracker("encoding", 10)
+    for tracker in (slow, quiet):
+        tracker.advance(5, "x")
+        tracker.print("detail")
+    assert capsys.readouterr().out == "detail\n"  # -v's detail shows without -q, never with it
+
+
+def test_shard_in_a_log_prints_byte_progress_and_quiet_only_what_it_wrote(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOESHARD_PROGRESS_SECONDS", "0")
+    code, out, err = invoke(["shard", "tiny-switch", "--gpus", 2, "--out", tmp_path / "loud"])
+    assert code == 0, err
+    progress = [line for line in out.splitlines() if line.startswith("sharding: ")]
+    assert progress and " MiB (" in progress[-1] and "/s, elapsed 0:00:" in progress[-1] and "(100%)" in progress[-1]
+    assert "shard set" in out  # the summary table
+    code, out, err = invoke(["-q", "shard", "tiny-switch", "--gpus", 2, "--out", tmp_path / "quiet"])
+    assert code == 0 and out.strip() == f"wrote {tmp_path / 'quiet'}" and err == ""
+
+
+def test_quiet_and_verbose_exclude_each_other():
+    code, _, err = invoke(["-q", "-v", "bench"])
+    assert code == 2 and one_line(err) == "error: --quiet and --verbose exclude each other: pass one of them"
+
+
+def test_help_shows_no_value_for_flags(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    code, out, _ = invoke(["--help"])
+    flags = [line for line in out.splitlines() if any(f in line for f in ("--quiet", "--verbose", "--debug", "--version"))]
+    assert code == 0 and len(flags) == 4 and not any("<bool>" in line for line in flags), flags
+    code, out, _ = invoke(["bench", "--help"])
+    assert "<auto|cpu|cuda>" in out and not any("<bool>" in line for line in out.splitlines() if "--per-layer" in line or "--paper" in line)
+
+
+def test_systems_complete_as_a_comma_list():
+    from moeshard_cli.bench.options import complete_systems
+
+    assert complete_systems("") == ["moeshard", "deepspeed", "deepspeed-dropless", "ep", "hf", "tp"]
+    assert complete_systems("moeshard,deep") == ["moeshard,deepspeed", "moeshard,deepspeed-dropless"]
+    assert complete_systems("ep,hf,") == ["ep,hf,moeshard", "ep,hf,deepspeed", "ep,hf,deepspeed-dropless", "ep,hf,tp"]
+
+
+def narrow_result() -> dict:
+    """The default sweep's results, with the widest system name, a sub-second cell and a skipped one."""
+    result = json.loads((Path(__file__).resolve().parents[1] / "docs" / "results" / "bench-default.json").read_text())
+    dropless = dict(result["cells"][1], system="deepspeed-dropless", samples_ms=[35_904.0, 36_100.5, 41_250.0], experts=1024)
+    skipped = dict(result["cells"][0], system="hf", samples_ms=[], skipped="needs a full copy of the experts per worker (9.1 GiB), 3.2 GiB free")
+    fast = dict(result["cells"][0], system="tp", samples_ms=[850.0, 870.2, 990.4])
+    result["cells"] += [dropless, fast, skipped]
+    return result
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_bench_table_fits_the_terminal_without_cutting_a_cell(width):
+    from rich.console import Console
+
+    from moeshard_cli.bench.report import COLUMNS, print_tables
+
+    console = Console(file=io.StringIO(), width=width)
+    print_tables(console, narrow_result(), per_layer=False)
+    text = console.file.getvalue()
+    assert "\u2026" not in text and max(len(line.rstrip()) for line in text.splitlines()) <= width
+    header = next(line for line in text.splitlines() if "system" in line and "TTFT" in line).split()
+    assert header == (list(COLUMNS) if width == 200 else list(COLUMNS[3:]))  # every column there, the narrow one as headings
+    if width == 80:
+        assert "E=8 B=8 skew 0.6" in text and "E=1,024 B=8 skew 0.6" in text
+    assert "36.1 s" in text and "35.9-40.2 s" in text and "36100" not in text  # seconds when large
+    assert "870 ms" in text and "854-966 ms" in text  # ms below a second
+    assert "skipped [1]" in text and "[1] E=8 B=8 skew 0.6 hf: needs a full copy of the experts per worker (9.1 GiB)" in text.replace("\n", " ")

@@ -224,6 +224,6 @@ def test_bench_on_one_gpu(tmp_path):
     cells = result["cells"]
     assert sorted(c["system"] for c in cells) == sorted(["moeshard", "ep", "hf"] * 2)
     for c in cells:
-        assert c["skipped"] is None and len(c["samples"]) == 3 and all(s > 0 for s in c["samples"]), c
+        assert c["skipped"] is None and len(c["samples_ms"]) == 3 and all(s > 0 for s in c["samples_ms"]), c
         if c["system"] != "moeshard":
             assert c["max_abs_diff_vs_moeshard"] <= TOL and c["dropped_pct"] == 0.0, c

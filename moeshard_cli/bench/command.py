@@ -9,102 +9,57 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import statistics
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
+from moeshard_cli import __version__
 from moeshard_cli.bench.deepspeed_moe import deepspeed_version
-from moeshard_cli.bench.systems import SYSTEMS, uses_deepspeed
+from moeshard_cli.bench.options import BenchOptions, uses_deepspeed
 from moeshard_cli.bench.weights import SharedExperts, available_memory, check_room, input_blocks, new_run_id, reclaim_orphans, remove_run_files
 from moeshard_cli.bench.worker import BenchJob, bench_worker
 from moeshard_cli.shard.plan import slice_bounds
 from moeshard_cli.shard.sources import resolve
 from moeshard_cli.errors import UserError
 from moeshard_cli.launch import check_device, launch, pick_device
-from moeshard_cli.options import at_least, check_router_flags, flag, positive
-from moeshard_cli.files import check_writable
-from moeshard_cli.ui import human_bytes
-
-PAPER = dict(experts=[8, 16, 32, 64, 128, 256], batch_sizes=[10, 50, 100, 250, 450], seq_len=120, gpus=4)
+from moeshard_cli.options import flag
+from moeshard_cli.ui import Display, human_bytes
 
 
-@dataclass
-class BenchOptions:
-    skews: list[float]
-    hot_experts: float
-    experts: list[int]
-    batch_sizes: list[int]
-    seq_len: int
-    gpus: int | None
-    iters: int
-    warmup: int
-    systems: list[str]
-    capacity_factor: float | None
-    model: str | None
-    per_layer: bool
-    device: str
-    seed: int
-    max_cell_seconds: float
-    timeout: float
-    json_path: Path | None = None
-    plot_path: Path | None = None
-    debug: bool = False
-    show_progress: bool = True
+def check_machine(opts: BenchOptions) -> None:
+    """After `opts.check_values()`: whether this install and machine can run the sweep. The extras
+    come after the values, so a wrong flag is named as such even without deepspeed."""
+    require_extra(opts)
+    if opts.plot_path:
+        check_plotting()
+    with flag("--device", "use auto, cpu or cuda"):
+        check_device(opts.device)
+    check_memory(opts)
 
-    def use_paper_sweep(self) -> None:
-        self.experts, self.batch_sizes, self.seq_len, self.gpus = PAPER["experts"], PAPER["batch_sizes"], PAPER["seq_len"], PAPER["gpus"]
 
-    def validate(self) -> None:
-        """Every option, before any work; raises the one-line UserError that names the flag.
-        The values come first, the extra they need after: a wrong flag is named even without deepspeed."""
-        for name, path in (("--plot", self.plot_path), ("--json", self.json_path)):
-            if path:
-                check_writable(path, name)
-        check_router_flags("skewed", self.skews, self.hot_experts)
-        if any(e < 1 for e in self.experts):
-            raise UserError("--experts must be positive", "e.g. --experts 8,32,128")
-        if any(b < 1 for b in self.batch_sizes) or self.seq_len < 1:
-            raise UserError("--batch-sizes and --seq-len must be positive", "e.g. --batch-sizes 8 --seq-len 120")
-        if self.iters < 1 or self.warmup < 1:
-            raise UserError("--iters and --warmup must be at least 1", "e.g. --iters 10 --warmup 2")
-        if self.gpus is not None:
-            at_least("--gpus", self.gpus, 1, "2")
-        unknown = [s for s in self.systems if s not in SYSTEMS]
-        if unknown:
-            raise UserError(f"--systems names unknown system {unknown[0]}", f"choose from {', '.join(SYSTEMS)}")
-        if self.capacity_factor is not None:
-            positive("--capacity-factor", self.capacity_factor, "50")
-        positive("--max-cell-seconds", self.max_cell_seconds, "12")
-        at_least("--timeout", self.timeout, 1, "900")
-        with flag("--device", "use auto, cpu or cuda"):
-            check_device(self.device)
-        self.require_extra()
-        if self.plot_path:
-            check_plotting()
-        self.check_memory()
+def check_memory(opts: BenchOptions) -> None:
+    """Refuse sizes that cannot fit, before an hour of bench: a lower bound of one forward's activations."""
+    workers = opts.gpus or 2
+    room = _memory_per_worker(pick_device(opts.device, workers), workers)  # (raises if this machine cannot host them)
+    for name in opts.models:
+        dims = resolve(name).dims
+        for batch in opts.batches:
+            need = activation_bytes(dims, batch, opts.seq_len, workers)
+            if need > room:
+                raise UserError(f"--seq-len {opts.seq_len} with --batch-sizes {batch} needs at least {human_bytes(need)} per worker "
+                                f"for {name}, this machine has {human_bytes(room)} per worker",
+                                "use a smaller --seq-len or --batch-sizes (the paper: --seq-len 120, --batch-sizes 10 to 450)")
 
-    def check_memory(self) -> None:
-        """Refuse sizes that cannot fit, before an hour of bench: a lower bound of one forward's activations."""
-        workers = self.gpus or 2
-        room = _memory_per_worker(pick_device(self.device, workers), workers)  # (raises if this machine cannot host them)
-        for name in models_of(self):
-            dims = resolve(name).dims
-            for batch in self.batch_sizes:
-                need = activation_bytes(dims, batch, self.seq_len, workers)
-                if need > room:
-                    raise UserError(f"--seq-len {self.seq_len} with --batch-sizes {batch} needs at least {human_bytes(need)} per worker "
-                                    f"for {name}, this machine has {human_bytes(room)} per worker",
-                                    "use a smaller --seq-len or --batch-sizes (the paper: --seq-len 120, --batch-sizes 10 to 450)")
 
-    def require_extra(self) -> None:
-        """The bench's own dependencies are an extra, left out of the base install."""
-        needed = ["psutil"] + ["deepspeed"] * uses_deepspeed(self.systems) + ["matplotlib"] * bool(self.plot_path)
-        missing = [name for name in needed if not _installed(name)]
-        if missing:
-            raise UserError(f"moeshard bench needs {', '.join(missing)}, which the base install leaves out",
-                            'install the bench extra: pip install "moeshard[bench]"')
+def require_extra(opts: BenchOptions) -> None:
+    """The bench's own dependencies are an extra, left out of the base install."""
+    needed = ["psutil"] + ["deepspeed"] * uses_deepspeed(opts.system_names) + ["matplotlib"] * bool(opts.plot_path)
+    missing = [name for name in needed if not _installed(name)]
+    if missing:
+        raise UserError(f"moeshard bench needs {', '.join(missing)}, which the base install leaves out",
+                        'install the bench extra: pip install "moeshard[bench]"')
 
 
 def _installed(module: str) -> bool:
@@ -112,20 +67,6 @@ def _installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
-
-
-LIST_EXAMPLES = {"--skew": "0,0.6", "--experts": "8,32,128", "--batch-sizes": "8,32", "--systems": "moeshard,deepspeed,ep"}
-
-
-def parse_list(text: str, kind, flag: str) -> list:
-    example = f"give a comma-separated list, e.g. {flag} {LIST_EXAMPLES[flag]}"
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise UserError(f"{flag} is empty", example)
-    try:
-        return [kind(t) for t in items]
-    except ValueError as exc:
-        raise UserError(f"{flag} {text!r} is not a list of numbers", example) from exc
 
 
 def check_plotting() -> None:
@@ -176,42 +117,79 @@ def machine() -> dict:
     return info
 
 
-# Fixed costs of a sweep, measured on the 2-core machine (docs/benchmarks.md): starting the workers,
-# DeepSpeed's import and groups, and per forward the Python and collective overhead of each layer.
-START_S, DEEPSPEED_START_S, LAYER_OVERHEAD_S = 8.0, 6.0, 0.004
+# Fixed costs of a sweep on the 2-core machine (docs/benchmarks.md), per unit of `slowdown`: starting the
+# workers (processes, imports, the process group), DeepSpeed's import and groups, building each model
+# (its shell, its replicated weights, each system's layers), and per forward the Python and collective
+# overhead of each layer. On a machine shared with other work they take `slowdown` times longer.
+START_S, DEEPSPEED_START_S, MODEL_SETUP_S, LAYER_OVERHEAD_S = 5.0, 6.0, 8.0, 0.004
 FILL_BYTES_PER_S = 0.4e9  # drawing the built-in experts' random weights into shared memory, per worker
 
 
-def models_of(opts: BenchOptions) -> list[str]:
-    return [opts.model] if opts.model else [f"switch-base-{e}" for e in opts.experts]
+def slowdown(cpu_s: float = 0.2) -> float:
+    """How much longer than its CPU time a CPU-bound loop takes on this thread: about 1 on an idle
+    machine, 5 when five times as many threads as cores want to run (wall over thread CPU time)."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    while time.thread_time() - cpu < cpu_s:
+        sum(range(1000))
+    return max(1.0, (time.perf_counter() - wall) / (time.thread_time() - cpu))
 
 
-def estimate_seconds(opts: BenchOptions, workers: int) -> float:
-    """A FLOP-count guess at a matmul rate measured here, plus the fixed costs above: start-up,
-    filling the shared experts, and every forward the sweep runs (repeats cut as the bench cuts them)."""
-    total = START_S + (DEEPSPEED_START_S if uses_deepspeed(opts.systems) else 0.0)
-    for name in models_of(opts):
+@dataclass
+class Estimate:
+    """The time a sweep should take, in parts, and each cell's share (the ETA's units of work)."""
+
+    parts: dict[str, float]
+    slowdown: float = 1.0
+    cells: dict[tuple, float] = field(default_factory=dict)  # (model, batch, skew, system) or (model, "set-up") -> seconds
+
+    @property
+    def total_s(self) -> float:
+        return sum(self.parts.values())
+
+    def record(self) -> dict:
+        """For the JSON, beside the real time."""
+        return {"seconds": round(self.total_s, 1), "parts": {k: round(v, 1) for k, v in self.parts.items()}, "slowdown": round(self.slowdown, 2)}
+
+
+def estimate(opts: BenchOptions, workers: int, slower: float | None = None) -> Estimate:
+    """A FLOP count at a matmul rate measured here and now (so under the machine's present load), plus
+    the fixed costs above times `slower` (default: `slowdown()` measured now): start-up, filling the
+    shared experts, and every forward the sweep runs (repeats cut as the bench cuts them)."""
+    slower = slowdown() if slower is None else slower
+    start = START_S + (DEEPSPEED_START_S if uses_deepspeed(opts.system_names) else 0.0)
+    est = Estimate({"start-up": start * slower, "model set-up": 0.0, "forwards": 0.0}, slower)
+    for name in opts.models:
         source = resolve(name)
         dims, matrices = source.dims, input_blocks(source.family) + 1
         rate = _matmul_rate(dims.d_model, dims.d_ff) / max(1, workers)  # per worker, its share of the cores
         expert_bytes = matrices * dims.moe_layers * dims.num_experts * dims.d_model * dims.d_ff * 4
-        total += expert_bytes / FILL_BYTES_PER_S / max(1, workers)
-        for batch in opts.batch_sizes:
+        setup = est.cells[name, "set-up"] = (MODEL_SETUP_S + expert_bytes / FILL_BYTES_PER_S / max(1, workers)) * slower
+        est.parts["model set-up"] += setup
+        for batch in opts.batches:
             for skew in opts.skews:
-                for system in opts.systems:
+                for system in opts.system_names:
                     per_forward = _forward_flops(dims, matrices, batch * opts.seq_len, _expert_factor(system, dims.num_experts, skew, opts)) / rate
-                    per_forward += LAYER_OVERHEAD_S * dims.num_layers
+                    per_forward += LAYER_OVERHEAD_S * dims.num_layers * slower
                     warm = opts.warmup if per_forward < opts.max_cell_seconds / 10 else 1
-                    total += (warm + min(opts.iters, max(3, int(opts.max_cell_seconds / per_forward)))) * per_forward
-    return total
+                    seconds = (warm + min(opts.iters, max(3, int(opts.max_cell_seconds / per_forward)))) * per_forward
+                    est.cells[name, batch, skew, system] = seconds
+                    est.parts["forwards"] += seconds
+    return est
 
 
 def _matmul_rate(d_model: int, d_ff: int) -> float:
+    """FLOP/s of an expert-sized matmul on this process's threads: the median of a few, after one
+    untimed (the first pays for allocation and thread start). At least 256 wide: on a tiny model's
+    matrices it would time the call, which LAYER_OVERHEAD_S already counts, not the arithmetic."""
+    d_model, d_ff = max(d_model, 256), max(d_ff, 256)
     a, b = torch.randn(1024, d_model), torch.randn(d_model, d_ff)
-    t0 = time.perf_counter()
+    a @ b
+    times = []
     for _ in range(5):
+        t0 = time.perf_counter()
         a @ b
-    return 5 * 2 * 1024 * d_model * d_ff / (time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
+    return 2 * 1024 * d_model * d_ff / statistics.median(times)
 
 
 def _forward_flops(dims, matrices: int, tokens: int, expert_factor: float) -> float:
@@ -241,25 +219,22 @@ def shared_bytes(source, workers: int) -> int:
     return SharedExperts.size_for(source.family, dims.moe_layers, dims.num_experts, dims.d_model, slice_bounds(dims.d_ff, workers), torch.float32)
 
 
-def bench(opts: BenchOptions) -> dict:
-    """Run a validated sweep (opts.validate() first)."""
+def bench(opts: BenchOptions, display: Display = Display("off"), debug: bool = False, est: Estimate | None = None) -> dict:
+    """Run a checked sweep (`opts.check_values()`, `check_machine(opts)` first). `est` paces the ETA."""
     device = pick_device(opts.device, opts.gpus or 1)
     workers = opts.gpus or default_workers(device)
     pick_device(device, workers)  # raises if this machine cannot host that many
-    models = models_of(opts)
-    sources = {m: resolve(m) for m in models}  # fail here, in one line, rather than in every worker
+    sources = {m: resolve(m) for m in opts.models}  # fail here, in one line, rather than in every worker
     reclaim_orphans()
     check_room({m: shared_bytes(s, workers) for m, s in sources.items()})
     run_id = new_run_id()
-    job = BenchJob(run_id=run_id, models=models, batch_sizes=opts.batch_sizes, seq_len=opts.seq_len, skews=opts.skews,
-                   hot_experts=opts.hot_experts, seed=opts.seed, systems=opts.systems, iters=opts.iters, warmup=opts.warmup,
-                   capacity_factor=opts.capacity_factor, per_layer=opts.per_layer, device=device,
-                   max_cell_seconds=opts.max_cell_seconds, timeout=opts.timeout, show_progress=opts.show_progress)
+    job = BenchJob(options=opts, run_id=run_id, device=device, display=display, cell_seconds=est.cells if est else {})
     start = time.time()
     try:
-        cells = launch(bench_worker, job, workers, debug=opts.debug, timeout=opts.timeout).get(0)
+        done = launch(bench_worker, job, workers, debug=debug, timeout=opts.timeout).get(0)
     finally:
         remove_run_files(run_id)
-    return {"config": {k: v for k, v in vars(opts).items() if k not in ("debug", "show_progress", "json_path", "plot_path")} | {"workers": workers, "device": device},
+    return {"moeshard": __version__, "config": opts.config() | {"workers": workers, "device": device},
             "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start)),
-            "seconds": time.time() - start, "cells": cells}
+            "seconds": time.time() - start, "estimate": est.record() if est else None,
+            "phases": {"start_s": done["started"] - start, "model_setup_s": done["model_setup_s"]}, "cells": done["cells"]}

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Callable
 
 from rich.console import Console
 from rich import box
+from rich.measure import Measurement
 from rich.table import Table
 
 from moeshard_cli.files import write_atomic, write_json_atomic
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
 
 
 def median(cell: dict) -> float | None:
-    return statistics.median(cell["samples"]) if cell.get("samples") else None
+    """The cell's median TTFT in ms."""
+    return statistics.median(cell["samples_ms"]) if cell.get("samples_ms") else None
 
 
 def speedups(cells: list[dict]) -> dict[tuple, dict[str, float]]:
@@ -34,40 +36,81 @@ def speedups(cells: list[dict]) -> dict[tuple, dict[str, float]]:
     return out
 
 
-def print_tables(console: Console, result: dict, per_layer: bool) -> None:
-    cells = result["cells"]
-    ups = speedups(cells)
-    cfg = result["config"]
-    title = f"TTFT, {cfg['workers']} workers on {cfg['device']}, seq {cfg['seq_len']}, hot experts {cfg['hot_experts']}"
-    table = Table(title=title, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="B: sequences per worker; ms: TTFT (one forward to the last hidden states), median and p10-p90 over n; speedup: the "
-                          "system's median over moeshard's; drop: (token, expert) assignments DeepSpeed dropped; imb: busiest worker's share of "
-                          "expert tokens x workers; |Δ|: largest output difference to moeshard")
-    for col in ("E", "B", "skew", "system", "ms", "p10-p90", "n", "speedup", "drop", "imb", "|Δ|"):
-        table.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
+def duration(ms: float) -> str:
+    """A TTFT as the tables show it: "850 ms", "12.4 ms", "35.9 s"."""
+    if ms >= 1000:
+        return f"{ms / 1e3:,.1f} s"
+    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.1f} ms"
+
+
+def spread(samples_ms: list[float]) -> str:
+    """p10-p90 in the unit of its upper end: "830-870 ms", "1.0-1.2 s"."""
+    lo, hi = quantile(samples_ms, 0.1), quantile(samples_ms, 0.9)
+    if hi >= 1000:
+        return f"{lo / 1e3:,.1f}-{hi / 1e3:,.1f} s"
+    digits = 0 if hi >= 100 else 1
+    return f"{lo:.{digits}f}-{hi:.{digits}f} ms"
+
+
+COLUMNS = ("E", "B", "skew", "system", "TTFT", "p10-p90", "n", "speedup", "drop", "imb", "|Δ|")
+CAPTION = ("E: experts; B: sequences per worker; TTFT: one forward to the last hidden states, median and p10-p90 over n; "
+           "speedup: the system's median over moeshard's; drop: (token, expert) assignments DeepSpeed dropped; imb: busiest "
+           "worker's share of expert tokens x workers; |Δ|: largest output difference to moeshard")
+
+
+def figures(c: dict, up: float | None) -> list[str]:
+    """A measured cell's columns after its configuration and system."""
+    s, diff = c["samples_ms"], c.get("max_abs_diff_vs_moeshard")
+    return [duration(median(c)), spread(s), f"{len(s):,}", f"{up:.2f}x" if up else "-", f"{c['dropped_pct']:.1f}%",
+            f"{c['imbalance']:.2f}", f"{diff:.0e}" if diff is not None and c["system"] != "moeshard" else "-"]
+
+
+def results_table(cells: list[dict], title: str, narrow: bool) -> tuple[Table, list[str]]:
+    """Every cell a row, or (narrow) each configuration a heading row over its systems, which
+    saves the three configuration columns and a space between columns: 78 characters wide with
+    the longest system name. Narrower still, a cell folds onto a second line rather than lose
+    digits. Skipped cells point to a note below the table."""
+    ups, notes = speedups(cells), []
+    table = Table(title=title, title_justify="left", caption=CAPTION, caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=narrow, show_edge=not narrow)
+    for col in COLUMNS[3:] if narrow else COLUMNS:
+        table.add_column(col, justify="left" if col == "system" else "right", no_wrap=not narrow, overflow="fold")
+    last = None
     for c in cells:
         key = (c["experts"], c["batch_size"], c["skew"])
-        head = [str(c["experts"]), str(c["batch_size"]), f"{c['skew']:g}", c["system"]]
+        where = [f"{c['experts']:,}", f"{c['batch_size']:,}", f"{c['skew']:g}"]
+        if narrow and key != last:
+            table.add_row(f"[bold]E={where[0]} B={where[1]} skew {where[2]}[/]", end_section=False)
+            last = key
+        head = [c["system"]] if narrow else [*where, c["system"]]
         if c.get("skipped"):
-            table.add_row(*head, f"[yellow]skipped: {c['skipped']}[/]", "", "", "", "", "", "")
-            continue
-        s = c["samples"]
-        up = ups[key].get(c["system"])
-        diff = c.get("max_abs_diff_vs_moeshard")
-        table.add_row(*head, f"{median(c) * 1e3:,.0f}", f"{quantile(s, 0.1) * 1e3:,.0f}-{quantile(s, 0.9) * 1e3:,.0f}", str(len(s)),
-                      f"{up:.2f}x" if up else "-", f"{c['dropped_pct']:.1f}%", f"{c['imbalance']:.2f}",
-                      f"{diff:.0e}" if diff is not None and c["system"] != "moeshard" else "-")
+            notes.append(f"[{len(notes) + 1}] E={where[0]} B={where[1]} skew {where[2]} {c['system']}: {c['skipped']}")
+            table.add_row(*head, f"[yellow]skipped [{len(notes)}][/]", *[""] * 6)
+        else:
+            table.add_row(*head, *figures(c, ups[key].get(c["system"])))
+    return table, notes
+
+
+def print_tables(console: Console, result: dict, per_layer: bool) -> None:
+    cells = result["cells"]
+    cfg = result["config"]
+    title = f"TTFT, {cfg['workers']} workers on {cfg['device']}, seq {cfg['seq_len']:,}, hot experts {cfg['hot_experts']:g}"
+    table, notes = results_table(cells, title, narrow=False)
+    if Measurement.get(console, console.options.update_width(10_000), table).maximum > console.width:  # its natural width
+        table, notes = results_table(cells, title, narrow=True)
     console.print(table)
+    for note in notes:
+        console.print(note, highlight=False, markup=False)
     if per_layer:
-        layers = Table(title="MoE layer latency (median per layer, ms)", title_justify="left")
-        first = next((c for c in cells if c.get("per_layer")), None)
-        names = list(first["per_layer"]) if first else []
-        for col in ("E", "batch", "skew", "system", *[f"layer {n}" for n in names]):
+        layers = Table(title="MoE layer latency (median per layer)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        first = next((c for c in cells if c.get("per_layer_ms")), None)
+        names = list(first["per_layer_ms"]) if first else []
+        for col in ("E", "B", "skew", "system", *[f"layer {n}" for n in names]):
             layers.add_column(col, justify="left" if col == "system" else "right")
         for c in cells:
-            if c.get("per_layer"):
-                layers.add_row(str(c["experts"]), str(c["batch_size"]), f"{c['skew']:g}", c["system"],
-                               *[f"{statistics.median(v) * 1e3:,.1f}" if v else "-" for v in c["per_layer"].values()])
+            if c.get("per_layer_ms"):
+                layers.add_row(f"{c['experts']:,}", f"{c['batch_size']:,}", f"{c['skew']:g}", c["system"],
+                               *[duration(statistics.median(v)) if v else "-" for v in c["per_layer_ms"].values()])
         console.print(layers)
 
 
@@ -77,15 +120,18 @@ def write_json(path: Path, result: dict) -> None:
 
 # Fixed per system, so every figure colors a system the same way.
 SYSTEM_COLORS = {"moeshard": "tab:blue", "deepspeed": "tab:red", "deepspeed-dropless": "tab:orange",
-                 "ep": "tab:green", "hf": "tab:purple"}
+                 "ep": "tab:green", "hf": "tab:purple", "tp": "tab:brown"}
 # The sweep axes, in the key order of `speedups`: cell key -> (axis label, how a value reads in a title or legend).
 AXES = {"experts": ("experts E", "E={:g}"), "batch_size": ("batch size (sequences per worker)", "B={:g}"),
         "skew": ("skew", "skew {:g}")}
-STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]  # one per combination of the other swept axes
+# A system has one color and one marker in every panel (the figure's legend); a line style tells
+# apart the combinations of the other swept axes, which differ per panel (each panel's legend).
+SYSTEM_MARKERS = {"moeshard": "o", "deepspeed": "s", "deepspeed-dropless": "D", "ep": "^", "hf": "v", "tp": "P"}
+STYLES = ["-", "--", ":", "-."]
 
 
 def measured(cells: list[dict]) -> list[dict]:
-    return [c for c in cells if not c.get("skipped") and c.get("samples")]
+    return [c for c in cells if not c.get("skipped") and c.get("samples_ms")]
 
 
 def swept_axes(cells: list[dict]) -> list[str]:
@@ -103,14 +149,18 @@ def color(system: str) -> str:
     return SYSTEM_COLORS.get(system, "tab:gray")
 
 
+def marker(system: str) -> str:
+    return SYSTEM_MARKERS.get(system, "x")
+
+
 def describe(values: dict) -> str:
     return ", ".join(AXES[a][1].format(v) for a, v in values.items())
 
 
 def latency_ms(cell: dict) -> tuple[float, float, float]:
     """Median, p10 and p90 of the cell's TTFT in ms."""
-    s = cell["samples"]
-    return median(cell) * 1e3, quantile(s, 0.1) * 1e3, quantile(s, 0.9) * 1e3
+    s = cell["samples_ms"]
+    return median(cell), quantile(s, 0.1), quantile(s, 0.9)
 
 
 def speedup_records(cells: list[dict]) -> list[dict]:
@@ -137,17 +187,17 @@ def draw_lines(ax, records: list[dict], axis: str, swept: list[str], y: Callable
 
     others, combos, note = line_groups(records, axis, swept)
     for system in systems_of(records):
-        for (ls, marker), combo in zip(STYLES, combos):
+        for ls, combo in zip(STYLES, combos):
             pts = sorted((r[axis], *y(r)) for r in records if r["system"] == system and tuple(r[a] for a in others) == combo)
             if not pts:
                 continue
             x, mid, lo, hi = zip(*pts)
             spread = [[m - v for m, v in zip(mid, lo)], [v - m for m, v in zip(mid, hi)]]
             ax.errorbar(x, mid, yerr=spread if any(map(any, spread)) else None, color=color(system), ls=ls,
-                        marker=marker, ms=5, capsize=3)
+                        marker=marker(system), ms=5, capsize=3)
     if len(combos) > 1:  # colors are in the figure legend; this one says which line style is which
-        ax.legend(handles=[Line2D([], [], color="black", ls=ls, marker=marker, ms=5, label=describe(dict(zip(others, combo))))
-                           for (ls, marker), combo in zip(STYLES, combos)], fontsize=8)
+        ax.legend(handles=[Line2D([], [], color="black", ls=ls, label=describe(dict(zip(others, combo))))
+                           for ls, combo in zip(STYLES, combos)], fontsize=8)
     return note
 
 
@@ -175,7 +225,7 @@ def set_x_ticks(ax, axis: str, values: list) -> None:
 
 def draw_latency(ax, cells: list[dict], axis: str, swept: list[str]) -> None:
     note = draw_lines(ax, cells, axis, swept, latency_ms)
-    log_y_if_wide(ax, [median(c) * 1e3 for c in cells])
+    log_y_if_wide(ax, [median(c) for c in cells])
     ax.set_ylabel("TTFT ms (median, p10-p90)")
     ax.set_title(f"latency per system{note}", fontsize=10)
 
@@ -253,7 +303,7 @@ def figure(result: dict) -> Figure:
     for y, text, size, shade in zip((0.15, 0.45, 0.72), titles(result, cells, swept), (12, 10, 8), ("black", "black", "dimgray")):
         fig.text(0.5, 1 - y * inch, text, ha="center", va="top", fontsize=size, color=shade)
     if swept:
-        fig.legend(handles=[Line2D([], [], color=color(s), marker="o", label=s) for s in systems_of(cells)],
+        fig.legend(handles=[Line2D([], [], color=color(s), marker=marker(s), label=s) for s in systems_of(cells)],
                    loc="lower center", ncol=5, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.4 * inch if swept else 0, 1, 1 - 1.0 * inch))
     return fig

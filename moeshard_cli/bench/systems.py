@@ -17,17 +17,9 @@ from moeshard_cli.moe.exchange import Collectives
 from moeshard_cli.moe.experts import GroupedExperts, SharedExpert, stack_experts
 from moeshard_cli.shard.plan import slice_along, tensor_bounds
 
-SYSTEMS = ("moeshard", "deepspeed", "deepspeed-dropless", "ep", "hf", "tp")
-DEFAULT_SYSTEMS = "moeshard,deepspeed,ep"
-
-
 @dataclass
 class Skip:
     reason: str
-
-
-def uses_deepspeed(systems: list[str]) -> bool:
-    return any(s.startswith("deepspeed") for s in systems)
 
 
 def paper_capacity_factor(num_experts: int) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -17,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from moeshard_cli.bench.systems import SharedMLP, Skip, build_dispatch, uses_deepspeed
+from moeshard_cli.bench.options import BenchOptions, uses_deepspeed
+from moeshard_cli.bench.systems import SharedMLP, Skip, build_dispatch
 from moeshard_cli.families import SHARED_EXPERT
 from moeshard_cli.bench.tensor_parallel import TensorParallelSystem, checkpoint_for
 from moeshard_cli.bench.weights import SharedExperts, available_memory, shm_path
@@ -30,28 +32,19 @@ from moeshard_cli.moe.layer import TokenContext, token_ids_for
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.moe.timing import SectionTimer
 from moeshard_cli.shard.plan import expert_layers, slice_bounds
+from moeshard_cli.ui import Display, human_seconds
 
 
 @dataclass
 class BenchJob:
+    """What each worker gets: the options as given, and what the command resolved from them."""
+
+    options: BenchOptions
     run_id: str
-    models: list[str]  # one source per experts value (built-in switch-base-E), or --model
-    batch_sizes: list[int]
-    seq_len: int
-    skews: list[float]
-    hot_experts: float
-    seed: int
-    systems: list[str]
-    iters: int
-    warmup: int
-    capacity_factor: float | None
-    per_layer: bool
-    device: str
-    max_cell_seconds: float
-    timeout: float
-    show_progress: bool = True
+    device: str  # --device auto resolved
+    display: Display = Display("off")
+    cell_seconds: dict = field(default_factory=dict)  # (model, batch, skew, system) -> estimated s: the progress's pace
     backend: str = "auto"
-    extra: dict = field(default_factory=dict)
 
 
 def _max_all(values: list[float]) -> list[float]:
@@ -89,41 +82,67 @@ class LayerClock:
 
 @record
 def bench_worker(job: BenchJob):
-    with worker_process_group(job.device, job.timeout) as (rank, world, device):
-        if uses_deepspeed(job.systems):
+    opts = job.options
+    with worker_process_group(job.device, opts.timeout) as (rank, world, device):
+        started = time.time()
+        if uses_deepspeed(opts.system_names):
             from moeshard_cli.bench.deepspeed_moe import init_deepspeed_groups
 
             init_deepspeed_groups()
-        cells = []
-        progress = _Progress(job) if job.show_progress and rank == 0 else None
-        for model_name in job.models:
-            cells += _bench_model(job, model_name, rank, world, device, progress)
-        if progress:
-            progress.bar.stop()
-        return cells if rank == 0 else None
+        cells, setup_s = [], {}
+        progress = _Progress(job) if rank == 0 else None
+        try:
+            for model_name in opts.models:
+                cells += _bench_model(job, model_name, rank, world, device, progress, setup_s)
+        finally:
+            if progress:
+                progress.tracker.close()
+        return {"cells": cells, "started": started, "model_setup_s": setup_s} if rank == 0 else None
 
 
 class _Progress:
-    """Rank 0's progress over (configuration, system) cells."""
+    """Rank 0's progress over (configuration, system) cells, paced by each cell's estimated seconds
+    (cells differ a hundredfold: a count of cells would make a poor ETA)."""
 
     def __init__(self, job: BenchJob):
-        from rich.progress import MofNCompleteColumn, TextColumn, TimeElapsedColumn
-
-        from moeshard_cli.ui import progress_bar
-
-        total = len(job.models) * len(job.batch_sizes) * len(job.skews) * len(job.systems)
-        self.bar = progress_bar("bench", MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-        self.task = self.bar.add_task("", total=total)
-        self.bar.start()
+        opts = job.options
+        cells = [(m, b, k, s) for m in opts.models for b in opts.batches for k in opts.skews for s in opts.system_names]
+        setups = [(m, "set-up") for m in opts.models]  # filling the experts of a large model takes a while too
+        self.weight = {key: job.cell_seconds.get(key, 1.0 if key in cells else 0.0) for key in cells + setups}
+        self.credited = dict.fromkeys(self.weight, 0.0)
+        self.cells, self.finished, self.verbose = len(cells), 0, job.display.verbose
+        self.tracker = job.display.tracker("bench", sum(self.weight.values()), count=lambda *_: f"{self.finished}/{self.cells} cells")
 
     def show(self, what: str) -> None:
-        self.bar.update(self.task, description=what)
+        self.tracker.advance(0, what)
 
-    def done(self, cells: int = 1) -> None:
-        self.bar.advance(self.task, cells)
+    def part(self, key: tuple, fraction: float) -> None:
+        """`fraction` more of cell `key`'s forwards are done."""
+        step = min(self.weight[key] * fraction, self.weight[key] - self.credited[key])
+        self.credited[key] += step
+        self.tracker.advance(step)
+
+    def set_up(self, model: str) -> None:
+        self.part((model, "set-up"), 1.0)
+
+    def done(self, key: tuple, row: dict | None = None) -> None:
+        self.finished += 1
+        self.part(key, 1.0)
+        if self.verbose and row is not None:
+            self.tracker.print(_describe(row))
 
 
-def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, progress) -> list[dict]:
+def _describe(row: dict) -> str:
+    """One finished cell in a line (-v)."""
+    where = f"{row['model']} B={row['batch_size']} skew {row['skew']:g} {row['system']}"
+    if row.get("skipped"):
+        return f"{where}: skipped ({row['skipped']})"
+    s = row["samples_ms"]
+    return f"{where}: {human_seconds(statistics.median(s) / 1e3)} median of {len(s)}"
+
+
+def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, progress, setup_s: dict) -> list[dict]:
+    opts, t0 = job.options, time.perf_counter()
     source = resolve(model_name)
     family, config, dims = source.family, source.config, source.dims
     E, D = dims.num_experts, dims.d_model
@@ -133,10 +152,13 @@ def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, 
     free = int(_max_all([-available_memory()])[0] * -1)  # the smallest free memory of any worker
     if need > 0.85 * free:
         reason = f"out of memory: the experts need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+        rows = [dict(experts=E, model=model_name, batch_size=b, seq_len=opts.seq_len, skew=k, workers=world, system=n,
+                     samples_ms=[], per_layer_ms={}, skipped=reason) for b in opts.batches for k in opts.skews for n in opts.system_names]
+        for row in rows if progress else ():
+            progress.done((model_name, row["batch_size"], row["skew"], row["system"]), row)
         if progress:
-            progress.done(len(job.batch_sizes) * len(job.skews) * len(job.systems))
-        return [dict(experts=E, model=model_name, batch_size=b, seq_len=job.seq_len, skew=k, workers=world, system=n,
-                     samples=[], per_layer={}, skipped=reason) for b in job.batch_sizes for k in job.skews for n in job.systems]
+            progress.set_up(model_name)
+        return rows
     path = shm_path(job.run_id, E)
     if rank == 0:
         SharedExperts.create(path, need)
@@ -155,7 +177,7 @@ def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, 
 
     replicated = {e.name: e.load() for e in source.tensors if not family.parse_expert_key(e.name)}
     model, _ = build_shell(family, config, replicated, make, device)
-    clock = LayerClock(family, model, layers, device) if job.per_layer else None
+    clock = LayerClock(family, model, layers, device) if opts.per_layer else None
     backend = resolve_backend(job.backend, device, D, torch.float32)
     act = family.act(config)
     free -= need
@@ -163,30 +185,33 @@ def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, 
     shared_mlps = {i: shared_mlp(family, config, source, model, i, act, backend) for i in layers}
     systems: dict[str, dict | TensorParallelSystem | Skip] = {}
     tp_dir = path.with_name(path.stem + "-tp")
-    for name in job.systems:
+    for name in opts.system_names:
         if name == "tp":
             systems[name] = _tensor_parallel(source, tp_dir, rank, world, device)
             continue
-        built = {i: build_dispatch(name, i, family, config, shared, comm, timer, act, backend, job.capacity_factor, free, shared_mlps[i])
+        built = {i: build_dispatch(name, i, family, config, shared, comm, timer, act, backend, opts.capacity_factor, free, shared_mlps[i])
                  for i in layers}
         systems[name] = next((d for d in built.values() if isinstance(d, Skip)), None) or built
 
+    setup_s[model_name] = time.perf_counter() - t0
+    if progress:
+        progress.set_up(model_name)
     cells = []
-    for batch in job.batch_sizes:
-        gen = torch.Generator().manual_seed(job.seed * 7919 + batch * 31 + rank)
-        ids = torch.randint(2, dims.vocab_size, (batch, job.seq_len), generator=gen).to(device)
+    for batch in opts.batches:
+        gen = torch.Generator().manual_seed(opts.seed * 7919 + batch * 31 + rank)
+        ids = torch.randint(2, dims.vocab_size, (batch, opts.seq_len), generator=gen).to(device)
         mask = torch.ones_like(ids)
-        ctx.set_batch(mask, token_ids_for(list(range(rank * batch, (rank + 1) * batch)), job.seq_len).to(device))
-        for skew in job.skews:
-            spec = RouterSpec("skewed", skew, job.hot_experts, job.seed)
+        ctx.set_batch(mask, token_ids_for(list(range(rank * batch, (rank + 1) * batch)), opts.seq_len).to(device))
+        for skew in opts.skews:
+            spec = RouterSpec("skewed", skew, opts.hot_experts, opts.seed)
             for system in systems.values():
                 if isinstance(system, TensorParallelSystem):
                     system.spec = spec
                     system.set_inputs(ids, mask)
             for mlp in mlps.values():
                 mlp.spec = spec
-            where = dict(experts=E, model=model_name, batch_size=batch, seq_len=job.seq_len, skew=skew, workers=world)
-            cells += _bench_cell(job, family, model, mlps, systems, clock, ids, mask, where, rank, world, device, progress)
+            where = dict(experts=E, model=model_name, batch_size=batch, seq_len=opts.seq_len, skew=skew, workers=world)
+            cells += _bench_cell(opts, family, model, mlps, systems, clock, ids, mask, where, rank, world, device, progress)
     del systems, model  # the views into shared memory go before it is unlinked
     mlps.clear()
     dist.barrier()
@@ -252,15 +277,16 @@ def _counters(system) -> list:
 
 
 @torch.inference_mode()
-def _bench_cell(job, family, model, mlps, systems, clock, ids, mask, config: dict, rank: int, world: int, device, progress) -> list[dict]:
+def _bench_cell(opts, family, model, mlps, systems, clock, ids, mask, config: dict, rank: int, world: int, device, progress) -> list[dict]:
     runnable = [n for n, s in systems.items() if not isinstance(s, Skip)]
-    rows = {n: dict(config, system=n, samples=[], per_layer={}, skipped=s.reason) for n, s in systems.items() if isinstance(s, Skip)}
-    outputs, iters = {}, {}
-    if progress:
-        progress.done(len(rows))
+    rows = {n: dict(config, system=n, samples_ms=[], per_layer_ms={}, skipped=s.reason) for n, s in systems.items() if isinstance(s, Skip)}
+    outputs, iters, forwards = {}, {}, {}
+    key = {n: (config["model"], config["batch_size"], config["skew"], n) for n in systems}
+    for name, row in rows.items() if progress else ():
+        progress.done(key[name], row)
     for name in runnable:
         if progress:
-            progress.show(f"E={config['experts']} batch {config['batch_size']} skew {config['skew']:g}: {name}")
+            progress.show(f"E={config['experts']} B={config['batch_size']} skew {config['skew']:g}: {name}")
         _use(mlps, systems[name])
         for d in _counters(systems[name]):
             d.reset()  # a cell's dropped tokens are its own, whatever ran before it
@@ -268,11 +294,15 @@ def _bench_cell(job, family, model, mlps, systems, clock, ids, mask, config: dic
         outputs[name] = _run(family, model, systems[name], ids, mask, device).float().cpu()
         first = _max_all([time.perf_counter() - t0])[0]
         # A forward that takes a good part of the cell's budget is warm after one run.
-        for _ in range(job.warmup - 1 if first < job.max_cell_seconds / 10 else 0):
+        warm = opts.warmup if first < opts.max_cell_seconds / 10 else 1
+        for _ in range(warm - 1):
             _run(family, model, systems[name], ids, mask, device)
         # Slow systems get fewer repeats (never fewer than 3) so a sweep stays within budget.
-        iters[name] = max(min(job.iters, 3), min(job.iters, int(job.max_cell_seconds / max(first, 1e-9))))
-        rows[name] = dict(config, system=name, samples=[], per_layer={str(i): [] for i in mlps}, skipped=None,
+        iters[name] = max(min(opts.iters, 3), min(opts.iters, int(opts.max_cell_seconds / max(first, 1e-9))))
+        forwards[name] = warm + iters[name]
+        if progress:
+            progress.part(key[name], warm / forwards[name])
+        rows[name] = dict(config, system=name, samples_ms=[], per_layer_ms={str(i): [] for i in mlps}, skipped=None,
                           imbalance=_imbalance(name, mlps, world))
     for it in range(max(iters.values(), default=0)):
         order = runnable[it % len(runnable):] + runnable[: it % len(runnable)] if runnable else []
@@ -283,13 +313,15 @@ def _bench_cell(job, family, model, mlps, systems, clock, ids, mask, config: dic
             dist.barrier()
             t0 = time.perf_counter()
             _run(family, model, systems[name], ids, mask, device)
-            rows[name]["samples"].append(_max_all([time.perf_counter() - t0])[0])
-            if progress and len(rows[name]["samples"]) == iters[name]:
-                progress.done()
+            rows[name]["samples_ms"].append(round(1e3 * _max_all([time.perf_counter() - t0])[0], 3))
             if clock and not isinstance(systems[name], TensorParallelSystem):
                 per = _max_all([clock.times[i] for i in mlps])
                 for i, t in zip(mlps, per):
-                    rows[name]["per_layer"][str(i)].append(t)
+                    rows[name]["per_layer_ms"][str(i)].append(round(1e3 * t, 3))
+            if progress:
+                progress.part(key[name], 1 / forwards[name])
+                if len(rows[name]["samples_ms"]) == iters[name]:
+                    progress.done(key[name], rows[name])
     ref = outputs.get("moeshard")
     for name in runnable:
         row = rows[name]

@@ -78,7 +78,7 @@ def run(opts: RunOptions, pool=None) -> RunSummary:
     workers are launched for this run, or are `pool`'s (run/pool.py: one node, started once)."""
     start_time = time.perf_counter()
     opts.validate()
-    output, shards_dir, writer_node = opts.output_path, opts.shards_dir, opts.node_rank == 0
+    output, shards_dir = opts.output_path, opts.shards_dir
     shards = read_shard_set(shards_dir)
     opts.for_family(shards.family)
     fmt = output_format(output, opts.mode)
@@ -136,7 +136,8 @@ def _encode(opts: RunOptions, resolved: RunOptions, info: InputInfo, shards: Sha
             if pool is not None:
                 returned = pool.run_job(job)
             else:
-                returned = launch(worker_main, job, world, opts.nnodes, opts.node_rank, opts.rdzv_endpoint, opts.debug, timeout=opts.timeout)
+                returned = launch(worker_main, job, world, opts.nnodes, opts.node_rank, opts.rdzv_endpoint, opts.debug, timeout=opts.timeout,
+                                  device=resolved.device, preload=worker_modules(shards.family))
         except (UserError, Interrupted) as exc:
             raise life.stop(exc, info.lines) if life else exc
         result = returned.get(0)
@@ -222,6 +223,12 @@ def _metadata(resolved: RunOptions, info: InputInfo, shards: ShardSet, digest: s
         "moeshard_version": __version__, "run_fingerprint": digest,
     }
     return record
+
+
+def worker_modules(family) -> tuple[str, ...]:
+    """What every worker imports before its first batch: imported once by a launcher whose CPU workers fork."""
+    return ("moeshard_cli.run.worker", "transformers.models.auto.tokenization_auto", "transformers.modeling_utils",
+            f"transformers.models.{family.model_type}.modeling_{family.model_type}")
 
 
 def _sha256(path: Path) -> str:

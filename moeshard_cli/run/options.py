@@ -16,6 +16,7 @@ from typing import Literal, Optional, get_args, get_type_hints
 from moeshard_cli.choices import Attention, Device, Dtype, ExpertBackend, InputFormat, Pooling, Router, complete_model
 from moeshard_cli.declare import option
 from moeshard_cli.errors import UserError
+from moeshard_cli.ui import Display
 from moeshard_cli.run.formats import output_format, output_help, suffix_fix
 
 STDIN = Path("-")
@@ -77,7 +78,7 @@ class RunOptions:
     rdzv_endpoint: Optional[str] = option("--rdzv-endpoint", default=None, help="HOST:PORT of node 0's rendezvous (multi-node).")
     # set by the caller, not on the command line
     debug: bool = False
-    show_progress: bool = True
+    progress: Display = field(default_factory=Display)  # bar, log lines or nothing (ui.py)
     argv: list[str] = field(default_factory=lambda: sys.argv[1:])
 
     def validate(self) -> None:

@@ -16,7 +16,6 @@ what can be resumed and offering the resume only then. Each stage is a method th
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shlex
 import zlib

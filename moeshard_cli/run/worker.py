@@ -33,6 +33,7 @@ from moeshard_cli.run.inputs import SHOWN
 from moeshard_cli.run.job import RunJob
 from moeshard_cli.run.outputs import RowWriter
 from moeshard_cli.run.schedule import spread, step_tokens
+from moeshard_cli.ui import count_of
 
 
 def encode(job: RunJob):
@@ -116,7 +117,7 @@ class _Encoder:
         forward_s, spreads = array("f"), array("f")
         stats = {"tokens": 0, "padded": 0, "session_tokens": 0, "session_lines": 0, "truncated": 0, "truncated_lines": [],
                  "token_end": self.start.token}
-        progress = _Progress(job.lines, self.lines_done) if job.options.show_progress and rank == 0 else None
+        progress = job.options.progress.tracker("encoding", job.lines, self.lines_done, count_of("lines")) if rank == 0 else None
         started = time.perf_counter()
         try:
             for pw in feed:
@@ -145,7 +146,8 @@ class _Encoder:
                     stats["session_tokens"] += sum(tokens_G)
                     stats["session_lines"] += sum(len(b) for b in step)
                     if progress:
-                        progress.advance(sum(len(b) for b in step), sum(tokens_G))
+                        rate = stats["session_tokens"] / max(time.perf_counter() - started, 1e-9)
+                        progress.advance(sum(len(b) for b in step), f"{rate:,.0f} tok/s")
         finally:
             if progress:
                 progress.close()
@@ -279,24 +281,3 @@ def _timeout(seconds: float):
 
     return timedelta(seconds=seconds)
 
-
-class _Progress:
-    """Rank 0's bar: lines written of the whole input (a resumed run starts where it stopped)."""
-
-    def __init__(self, total: int, done: int):
-        from rich.progress import MofNCompleteColumn, TextColumn, TimeRemainingColumn
-
-        from moeshard_cli.ui import progress_bar
-
-        self.bar = progress_bar("encoding", MofNCompleteColumn(), TextColumn("lines"), TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-        self.task = self.bar.add_task("encoding", total=total, completed=done, rate="")
-        self.tokens, self.t0 = 0, time.perf_counter()
-        self.bar.start()
-
-    def advance(self, lines: int, tokens: int) -> None:
-        self.tokens += tokens
-        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
-        self.bar.update(self.task, advance=lines, rate=f"{rate:,.0f} tok/s")
-
-    def close(self) -> None:
-        self.bar.stop()

@@ -183,6 +183,7 @@ def shard(opts: ShardOptions, progress=None) -> ShardResult:
                     "slice": f"{bounds[rank][0]},{bounds[rank][1]}", "source": source.label}
             writers.append(StreamingSafetensorsWriter(out / rank_file_name(rank, world), layout, meta))
         advance = progress(sum(w.size for w in writers)) if progress else (lambda n: None)
+        advance(sum(w.header_bytes for w in writers))
         stream(source, writers, bounds, dtype, advance)
         files = []
         for rank, writer in enumerate(writers):

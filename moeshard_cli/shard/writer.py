@@ -36,7 +36,8 @@ class StreamingSafetensorsWriter:
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
-        self.size = 8 + len(blob) + offset
+        self.header_bytes = 8 + len(blob)  # written here, before any tensor
+        self.size = self.header_bytes + offset
         self._hash = hashlib.sha256()
         self._next = 0
         self._file = open(self.tmp_path, "wb")
