@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeshard_cli.dtypes import DTYPES
+from moeshard_cli.families import SHARED_EXPERT
 from moeshard_cli.moe.dispatch import ShardedDispatch
 from moeshard_cli.moe.exchange import Collectives
-from moeshard_cli.moe.experts import GroupedExperts, resolve_backend, stack_experts
+from moeshard_cli.moe.experts import GroupedExperts, SharedExpert, resolve_backend, stack_experts
 from moeshard_cli.moe.layer import ShardedExperts, ShardedSparseMLP, TokenContext
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.moe.timing import SectionTimer
@@ -32,6 +33,15 @@ def install_moe(family, model, make_moe: Callable[[int], nn.Module]) -> list[int
     for i in layers:
         family.install(model, i, make_moe(i))
     return layers
+
+
+def split_shared_weights(family, state: dict[str, torch.Tensor]) -> dict[int, tuple[list, torch.Tensor]]:
+    """Pop each layer's shared expert (Qwen2-MoE, DeepSeek) out of a state dict: {layer: ([input matrices], output)}."""
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    for key in list(state):
+        if (parsed := family.parse_expert_key(key)) and parsed[1] == SHARED_EXPERT:
+            found.setdefault(parsed[0], {})[parsed[2]] = state.pop(key)
+    return {layer: ([mats[m] for m in family.expert_inputs], mats[family.expert_output]) for layer, mats in found.items()}
 
 
 def split_expert_weights(family, state: dict[str, torch.Tensor]) -> dict[int, dict[str, list[torch.Tensor]]]:
@@ -75,6 +85,14 @@ def sharded_experts(family, config, mats: dict[str, list[torch.Tensor]], backend
     return GroupedExperts(*stack_experts(inputs_E, mats[family.expert_output]), family.act(config), backend)
 
 
+def shared_expert(family, config, model, layer: int, weights: tuple | None, backend: str) -> SharedExpert | None:
+    """One layer's (slice of the) shared expert with the block's gate, or None where the family has none."""
+    if weights is None:
+        return None
+    inputs, output = weights
+    return SharedExpert(GroupedExperts(*stack_experts([inputs], [output]), family.act(config), backend), family.shared_gate_fn(model, layer))
+
+
 @dataclass
 class ShardedModel:
     """What a run worker drives: the model, the per-batch token context its MoE layers share, and them."""
@@ -107,10 +125,12 @@ def sharded_model(shards: ShardSet, rank: int, device: torch.device, backend: st
     ctx, mlps = TokenContext(), {}
     model = family.meta_model(config)
     state = read_rank_file(shards, rank, device)
+    shared = split_shared_weights(family, state)  # first: split_expert_weights takes every expert key left
     experts = split_expert_weights(family, state)
 
     def make(layer):  # each layer's per-expert copies go as it is stacked
-        dispatch = ShardedDispatch(sharded_experts(family, config, experts.pop(layer), backend), comm, timer)
+        dispatch = ShardedDispatch(sharded_experts(family, config, experts.pop(layer), backend), comm, timer,
+                                   shared_expert(family, config, model, layer, shared.pop(layer, None), backend))
         mlps[layer] = moe_module(family, config, dispatch, router, ctx, layer)
         return mlps[layer]
 

@@ -125,7 +125,7 @@ def test_completion_offers_the_choices_and_the_built_in_models():
     from moeshard_cli.families import builtin_names
 
     assert list(BUILTIN_MODELS) == builtin_names()  # the torch-free list is the families' own
-    assert complete_model("tiny-q") == ["tiny-qwen3-moe"] and "tiny-switch" in complete_model("tiny-")
+    assert complete_model("tiny-qwen3") == ["tiny-qwen3-moe"] and "tiny-switch" in complete_model("tiny-")
     env = {"_MOESHARD_COMPLETE": "complete_bash", "COMP_WORDS": "moeshard run --pooling ", "COMP_CWORD": "3"}
     code, out, _ = console_script([], env=env)
     assert code == 0 and out.split() == ["mean", "last", "none"]

@@ -1,13 +1,17 @@
-"""The decoder families end to end: `moeshard run` on Qwen3-MoE, OLMoE and Mixtral shard sets
-against transformers' own causal LM in one process (`reference.reference_model`, every expert
-whole, transformers' eager experts).
+"""The decoder families end to end: `moeshard run` on Qwen3-MoE, OLMoE, Mixtral, Qwen2-MoE,
+DeepSeek-V3, DeepSeek-V2 and PhiMoE shard sets against transformers' own causal LM in one process
+(`reference.reference_model`, every expert whole, transformers' eager experts).
 
 The built-ins' experts are 38 wide, so 3 and 4 workers hold uneven slices (13/13/12, 10/10/9/9).
 Every `moeshard run` costs seconds of process start-up, so one module fixture starts them all,
 a few at a time (test_run.run_groups), on one small corpus; the matrix gives every family each
 of `--pooling last` (the default), `--pooling mean` and `--score`, and every world size 1-4
 each of them too: 12 runs, plus one with the skewed router and one on a deliberately
-mis-sliced shard set (the negative control: the same comparison must then fail).
+mis-sliced shard set (the negative control: the same comparison must then fail). The families of
+issue 15 share the matrix diagonally, to keep process start-ups few: each gets last, mean and
+score once, on one even and one uneven world size at least, and the four of them cover 1-4
+(12 runs). Their layout elements (shared experts and gates, routers) are checked at every world
+size 1-4, with negative controls, in process (test_family_blocks.py).
 
 A checkpoint written by transformers (`save_pretrained`, several files, Mixtral's
 `block_sparse_moe.experts.{e}.w1/w2/w3` names) must shard into rank files that reassemble, bit
@@ -29,6 +33,8 @@ import torch
 
 from conftest import invoke
 from moeshard_cli.families import builtin_family
+from moeshard_cli.model import read_rank_file
+from moeshard_cli.shard.plan import slice_bounds
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.reference import reassemble_state, reference_model, reference_outputs
 from moeshard_cli.shard.manifest import MANIFEST, read_shard_set
@@ -41,7 +47,7 @@ MAX_LENGTH = 40
 BATCH = 2
 D_MODEL, EXPERT_WIDTH = 64, 38
 SKEW = RouterSpec("skewed", skew=0.6)
-MODELS = ("tiny-qwen3-moe", "tiny-olmoe", "tiny-mixtral")
+MODELS = ("tiny-qwen3-moe", "tiny-olmoe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-phimoe")
 # A dozen lines: an empty one (the tokenizer's end-of-sequence token makes it one token long,
 # so it has no score), one of a single character, lengths that differ inside a batch of 2 (right padding), two
 # longer than MAX_LENGTH (one cut inside a multi-byte character), non-ASCII.
@@ -64,6 +70,11 @@ MATRIX = [
     ("tiny-qwen3-moe", 1, "last"), ("tiny-qwen3-moe", 2, "mean"), ("tiny-qwen3-moe", 3, "score"), ("tiny-qwen3-moe", 4, "last"),
     ("tiny-olmoe", 1, "score"), ("tiny-olmoe", 2, "last"), ("tiny-olmoe", 3, "mean"), ("tiny-olmoe", 4, "score"),
     ("tiny-mixtral", 1, "mean"), ("tiny-mixtral", 2, "score"), ("tiny-mixtral", 3, "last"), ("tiny-mixtral", 4, "mean"),
+    # issue 15's families, diagonally (the shared experts are 45 and 76 wide: uneven at 2 and 3 too)
+    ("tiny-qwen2-moe", 1, "last"), ("tiny-qwen2-moe", 2, "mean"), ("tiny-qwen2-moe", 3, "score"),
+    ("tiny-deepseek-v3", 2, "score"), ("tiny-deepseek-v3", 3, "last"), ("tiny-deepseek-v3", 4, "mean"),
+    ("tiny-deepseek-v2", 2, "last"), ("tiny-deepseek-v2", 3, "mean"), ("tiny-deepseek-v2", 4, "score"),
+    ("tiny-phimoe", 1, "score"), ("tiny-phimoe", 3, "mean"), ("tiny-phimoe", 4, "last"),
 ]
 SKEWED = ("tiny-qwen3-moe", 3, "last")  # a renormalising family, uneven slices; the oracle gets the same draw
 MISSLICED = ("tiny-olmoe", 2, "last")  # its correct twin is in MATRIX
@@ -122,13 +133,13 @@ def place(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shard_sets(place) -> dict[tuple[str, int], Path]:
+    """The shard sets the runs and checks of this module use, one per (model, world)."""
     sets = {}
-    for model in MODELS:
-        for world in (1, 2, 3, 4):
-            out = place / "sets" / f"{model}-w{world}"
-            code, _, err = invoke(["shard", model, "--gpus", world, "--out", out])
-            assert code == 0, err
-            sets[model, world] = out
+    for model, world in sorted({(m, w) for m, w, _ in MATRIX}):
+        out = place / "sets" / f"{model}-w{world}"
+        code, _, err = invoke(["shard", model, "--gpus", world, "--out", out])
+        assert code == 0, err
+        sets[model, world] = out
     return sets
 
 
@@ -302,11 +313,15 @@ def test_transformers_checkpoint_reassembles_bit_for_bit(tmp_path, name):
     byte_tokenizer().save_pretrained(str(source))
     weight_map = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(weight_map.values())) >= 3
-    expert_names = {k.split(".experts.0.")[1] for k in weight_map if ".layers.0." in k and ".experts.0." in k}
-    block = "block_sparse_moe" if name == "tiny-mixtral" else "mlp"
-    assert expert_names == ({"w1.weight", "w2.weight", "w3.weight"} if name == "tiny-mixtral" else
-                            {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
-    assert any(f".{block}.experts.0." in k for k in weight_map)
+    first = f".layers.{family.moe_layer_indices(config)[0]}."
+    expert_names = {k.split(".experts.0.")[1] for k in weight_map if first in k and ".experts.0." in k}
+    hub_names = name in ("tiny-mixtral", "tiny-phimoe")  # block_sparse_moe.experts.{e}.w1/w2/w3 on disk
+    assert expert_names == ({"w1.weight", "w2.weight", "w3.weight"} if hub_names else {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
+    assert any(f".{family.disk_block}.experts.0." in k for k in weight_map)
+    if name == "tiny-phimoe":  # the router is `gate` on disk, `router` in memory
+        assert f"model{first}block_sparse_moe.gate.weight" in weight_map
+    if family.shared:  # the shared expert's matrices, in transformers' names on disk
+        assert f"model{first}{family.shared}.down_proj.weight" in weight_map
 
     code, _, err = invoke(["shard", source, "--gpus", 3, "--out", tmp_path / "set"])
     assert code == 0, err
@@ -321,6 +336,11 @@ def test_transformers_checkpoint_reassembles_bit_for_bit(tmp_path, name):
         assert got[key].dtype == tensor.dtype and got[key].shape == tensor.shape, key
         assert torch.equal(got[key], tensor), f"{key} does not reassemble to transformers' parameter"
     assert want[fused[0]].shape == (8, 2 * EXPERT_WIDTH, D_MODEL)  # [E, 2F, D], gate half first
+    if family.shared:  # the shared expert is cut by its own width: 45 (15 each), 76 (26/25/25)
+        width = config.moe_intermediate_size * config.n_shared_experts if hasattr(config, "n_shared_experts") else config.shared_expert_intermediate_size
+        key = family.expert_key(family.moe_layer_indices(config)[0], -1, "down_proj")
+        parts = [read_rank_file(shards, rank, torch.device("cpu"))[key].shape[1] for rank in range(3)]
+        assert parts == [hi - lo for lo, hi in slice_bounds(width, 3)] and sum(parts) == width
 
     # the comparison catches a wrong slicing: rank files joined out of order, or gate and up swapped
     state = reassemble_state(shards)

@@ -25,6 +25,7 @@ from moeshard_cli.errors import UserError
 from moeshard_cli.shard.manifest import MANIFEST, check_files, read_shard_set
 from moeshard_cli.shard.plan import rank_file_name, slice_bounds
 from moeshard_cli.families.switch import EXPERT_KEY
+from moeshard_cli.families import families
 
 D_FF = 130  # tiny-switch
 

@@ -58,7 +58,7 @@ class BenchOptions:
                           help=f"Comma list from {', '.join(SYSTEMS)} (hf: transformers' experts, full copies; tp: transformers' tensor-parallel plan, decoder families).")
     capacity_factor: Optional[float] = option("--capacity-factor", default=None, help="DeepSpeed's capacity factor (default: min(E, 50), as the paper).")
     model: Optional[str] = option("--model", default=None,
-                                  help="Benchmark this checkpoint, shard set or built-in (e.g. tiny-qwen3-moe, qwen3-moe-mid, olmoe-mid, mixtral-mid) instead of switch-base-E.")
+                                  help="Benchmark this checkpoint, shard set or built-in (e.g. tiny-qwen3-moe, qwen3-moe-mid, olmoe-mid, mixtral-mid, deepseek-v3-mid, gpt-oss-mid) instead of switch-base-E.")
     per_layer: bool = option("--per-layer", default=False, help="Also time each MoE layer (paper section 4.2).")
     json_path: Optional[Path] = option("--json", default=None, help="Write every raw sample (in ms), the configuration and the machine as JSON.")
     plot_path: Optional[Path] = option("--plot", default=None, help="Write a PNG: latency per system (median, p10-p90) and speedup, along each swept axis.")

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from moeshard_cli.bench.options import BenchOptions, uses_deepspeed
-from moeshard_cli.bench.systems import Skip, build_dispatch
+from moeshard_cli.bench.systems import SharedMLP, Skip, build_dispatch
+from moeshard_cli.families import SHARED_EXPERT
 from moeshard_cli.bench.tensor_parallel import TensorParallelSystem, checkpoint_for
 from moeshard_cli.bench.weights import SharedExperts, available_memory, shm_path
 from moeshard_cli.shard.sources import resolve
@@ -181,13 +182,15 @@ def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, 
     act = family.act(config)
     free -= need
 
+    shared_mlps = {i: shared_mlp(family, config, source, model, i, act, backend) for i in layers}
     systems: dict[str, dict | TensorParallelSystem | Skip] = {}
     tp_dir = path.with_name(path.stem + "-tp")
     for name in opts.system_names:
         if name == "tp":
             systems[name] = _tensor_parallel(source, tp_dir, rank, world, device)
             continue
-        built = {i: build_dispatch(name, i, family, config, shared, comm, timer, act, backend, opts.capacity_factor, free) for i in layers}
+        built = {i: build_dispatch(name, i, family, config, shared, comm, timer, act, backend, opts.capacity_factor, free, shared_mlps[i])
+                 for i in layers}
         systems[name] = next((d for d in built.values() if isinstance(d, Skip)), None) or built
 
     setup_s[model_name] = time.perf_counter() - t0
@@ -216,6 +219,15 @@ def _bench_model(job: BenchJob, model_name: str, rank: int, world: int, device, 
         path.unlink(missing_ok=True)
         shutil.rmtree(tp_dir, ignore_errors=True)
     return cells
+
+
+def shared_mlp(family, config, source, model, layer: int, act, backend: str) -> SharedMLP | None:
+    """A layer's shared expert, whole, read from the source (small beside the routed experts), or None."""
+    if not getattr(family, "shared", ""):
+        return None
+    entries = {e.name: e for e in source.tensors}
+    load = lambda m: entries[family.expert_key(layer, SHARED_EXPERT, m)].load().to(next(model.parameters()).device)  # noqa: E731
+    return SharedMLP([load(m) for m in family.expert_inputs], load(family.expert_output), family.shared_gate_fn(model, layer), act, backend)
 
 
 def _tensor_parallel(source, directory, rank: int, world: int, device) -> TensorParallelSystem | Skip:

@@ -13,6 +13,11 @@ one process) is built. The rest of the tool asks `family_of(model_type)` or `bui
 - gpt_oss.py: GPT-OSS, the gated layout with biases, gate and up interleaved in one transposed
   matrix, stored fused on disk (and MXFP4 on the hub).
 
+- qwen2_moe.py, deepseek_v3.py, deepseek_v2.py, phimoe.py: the same layout with a shared expert
+  (Qwen2-MoE, DeepSeek), dense first layers (DeepSeek) or other names (PhiMoE's router).
+- table.py: every MoE model type of the installed transformers, the ones refused and why
+  (docs/models.md's table is rendered from it).
+
 A new family that shares a layout is one new file that subclasses it and is listed in `_MODULES`.
 """
 
@@ -21,7 +26,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-_MODULES = ("switch", "qwen3_moe", "olmoe", "mixtral", "gpt_oss")
+_MODULES = ("switch", "qwen3_moe", "olmoe", "mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3", "deepseek_v2", "phimoe")
+SHARED_EXPERT = -1  # the expert index of a layer's shared expert in parsed (layer, expert, matrix) keys
 
 
 @dataclass(frozen=True)

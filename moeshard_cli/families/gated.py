@@ -1,4 +1,4 @@
-"""The gated top-k decoder layout of transformers 5, shared by Qwen3-MoE, OLMoE and Mixtral.
+"""The gated top-k decoder layout of transformers 5: Qwen3-MoE, OLMoE, Mixtral, Qwen2-MoE, DeepSeek-V3/V2, PhiMoE.
 
 In memory each MoE block is `mlp.gate` (transformers' top-k router: softmax, top-k, renormalise
 or not, as the family says) and `mlp.experts` with fused parameters `gate_up_proj` [E, 2F, D]
@@ -12,6 +12,11 @@ columns of down: `act(gate) * up` is elementwise along F, so the slices' outputs
 `mlp.experts` is replaced by moeshard's module (moe/layer.ShardedExperts), which has the
 experts' call signature `(hidden_states, top_k_index, top_k_weights)`; the router stays
 transformers' own, so each family's routing rules come for free.
+
+A shared expert (Qwen2-MoE's `mlp.shared_expert`, DeepSeek's `mlp.shared_experts`) is stored as
+a plain MLP, `{shared}.gate_proj/up_proj/down_proj.weight`, parsed as expert SHARED and sliced by
+the same rule at its own width; its slot in transformers' block gets a `ZeroOutput` and the slice
+runs inside moeshard's exchange with the block's gate (moe/experts.SharedExpert).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import re
 import torch
 from torch import nn
 
-from moeshard_cli.families import Dims
+from moeshard_cli.families import SHARED_EXPERT as SHARED, Dims
 
 MATRICES = ("gate_proj", "up_proj", "down_proj")
 # What the built-ins of every gated family share: ByT5's byte ids (end of sequence 1, pad 0), untied head.
@@ -29,8 +34,14 @@ _IDS = dict(pad_token_id=0, bos_token_id=None, eos_token_id=1, tie_word_embeddin
 TINY = dict(_IDS, vocab_size=384, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
 MID = dict(_IDS, vocab_size=32768, hidden_size=768, num_hidden_layers=6, num_attention_heads=12, max_position_embeddings=4096)
 _SLICED_DIM = {"gate_proj": 0, "up_proj": 0, "down_proj": 1}  # rows of gate and up, columns of down
-_RANK_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_FUSED_KEY = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
+
+
+class ZeroOutput(nn.Module):
+    """In place of a shared expert that moeshard computes inside its own exchange (moe/experts.SharedExpert):
+    transformers' block still adds its output, which is then exactly zero."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
 
 
 class GatedDecoderFamily:
@@ -42,6 +53,14 @@ class GatedDecoderFamily:
     d_ff_attr = "intermediate_size"  # each expert's width
     disk_roles = {m: m for m in MATRICES}  # checkpoint matrix name -> gate_proj / up_proj / down_proj
     disk_block = "mlp"  # the checkpoint's name of the MoE block (Mixtral's hub files: block_sparse_moe)
+    block = "mlp"  # the decoder layer's attribute holding the MoE block in memory
+    router = "gate"  # the block's attribute holding transformers' router
+    disk_router = ""  # the checkpoint's name of the router where it differs (PhiMoE's hub files: gate)
+    # The shared expert: a dense gated MLP every token goes through, its output added to the routed
+    # experts'. `shared` is its path under the decoder layer ("" for none); `shared_gate` the block's
+    # per-token gate, applied as sigmoid(gate(x)) (Qwen2-MoE), "" for none.
+    shared = ""
+    shared_gate = ""
     builtin_configs: dict = {}
 
     decoder = True
@@ -88,20 +107,37 @@ class GatedDecoderFamily:
     # ---------------------------------------------------------------- checkpoint keys
 
     def expert_key(self, layer: int, expert: int, matrix: str) -> str:
-        return f"model.layers.{layer}.mlp.experts.{expert}.{matrix}.weight"
+        if expert == SHARED:
+            return f"model.layers.{layer}.{self.shared}.{matrix}.weight"
+        return f"model.layers.{layer}.{self.block}.experts.{expert}.{matrix}.weight"
 
     def parse_expert_key(self, name: str) -> tuple[int, int, str] | None:
-        m = _RANK_EXPERT_KEY.match(name)
-        return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+        """(layer, expert, matrix) of a rank-file expert key; expert SHARED for the shared expert."""
+        m = self._keys()[0].match(name)
+        if m:
+            return int(m.group(1)), int(m.group(2)), m.group(3)
+        m = self._keys()[1].match(name) if self.shared else None
+        return (int(m.group(1)), SHARED, m.group(2)) if m else None
+
+    def _keys(self) -> tuple[re.Pattern, re.Pattern, re.Pattern]:
+        """(routed expert key, shared expert key, fused in-memory key) patterns of this family."""
+        if "_patterns" not in self.__dict__:
+            block, shared, mats = re.escape(self.block), re.escape(self.shared), "(gate_proj|up_proj|down_proj)"
+            self._patterns = (re.compile(rf"^model\.layers\.(\d+)\.{block}\.experts\.(\d+)\.{mats}\.weight$"),
+                              re.compile(rf"^model\.layers\.(\d+)\.{shared}\.{mats}\.weight$"),
+                              re.compile(rf"^model\.layers\.\d+\.{block}\.experts\.(gate_up_proj|down_proj)$"))
+        return self._patterns
 
     def sliced_dim(self, matrix: str) -> int:
         return _SLICED_DIM[matrix]
 
     def rank_key(self, disk_key: str, disk_keys: set[str]) -> str | None:
         """A checkpoint key under the in-memory module path, expert matrices under their neutral names."""
-        key = disk_key.replace(f".{self.disk_block}.", ".mlp.") if self.disk_block != "mlp" else disk_key
+        key = disk_key.replace(f".{self.disk_block}.", f".{self.block}.") if self.disk_block != self.block else disk_key
+        if self.disk_router and key.endswith(f".{self.block}.{self.disk_router}.weight"):
+            key = key.removesuffix(f".{self.disk_router}.weight") + f".{self.router}.weight"
         parts = key.split(".")
-        if len(parts) == 8 and parts[3:5] == ["mlp", "experts"] and parts[7] == "weight" and parts[6] in self.disk_roles:
+        if len(parts) == 8 and parts[3:5] == [self.block, "experts"] and parts[7] == "weight" and parts[6] in self.disk_roles:
             parts[6] = self.disk_roles[parts[6]]
             return ".".join(parts)
         return key
@@ -111,7 +147,7 @@ class GatedDecoderFamily:
         c = self.config(config)
         shapes = {}
         for key, tensor in self.meta_model(c).state_dict().items():
-            fused = _FUSED_KEY.match(key)
+            fused = self._keys()[2].match(key)
             if fused is None:
                 if not (key == "lm_head.weight" and self.tied(c)):
                     shapes[key] = tuple(tensor.shape)
@@ -140,13 +176,33 @@ class GatedDecoderFamily:
         return model.eval()
 
     def moe_layers(self, model) -> list[int]:
-        return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+        return [i for i, layer in enumerate(model.model.layers) if hasattr(getattr(layer, self.block), "experts")]
 
     def moe_block(self, model, layer: int) -> nn.Module:
-        return model.model.layers[layer].mlp
+        return getattr(model.model.layers[layer], self.block)
 
     def install(self, model, layer: int, module: nn.Module) -> None:
-        model.model.layers[layer].mlp.experts = module
+        """moeshard's module in place of the experts; the shared expert, if any, moves into it (its
+        output is then added inside moeshard's exchange, before the partial sums are reduced)."""
+        self.moe_block(model, layer).experts = module
+        if self.shared:
+            parent, name = self._shared_parent(model, layer)
+            setattr(parent, name, ZeroOutput())
+
+    def _shared_parent(self, model, layer: int) -> tuple[nn.Module, str]:
+        *path, name = self.shared.split(".")
+        parent = model.model.layers[layer]
+        for part in path:
+            parent = getattr(parent, part)
+        return parent, name
+
+    def shared_gate_fn(self, model, layer: int):
+        """The shared expert's per-token weight as a function of x_TD ([T, 1]), or None (weight 1).
+        Reads the block's own gate module, so weights assigned to it later are the ones used."""
+        if not self.shared_gate:
+            return None
+        gate = getattr(self.moe_block(model, layer), self.shared_gate)
+        return lambda x_TD: torch.sigmoid(gate(x_TD))
 
     def tie(self, model) -> None:
         if self.tied(model.config):
@@ -187,13 +243,13 @@ class GatedDecoderFamily:
         fused, experts = {}, {}
         for key, tensor in state.items():
             parsed = self.parse_expert_key(key)
-            if parsed is None:
+            if parsed is None or parsed[1] == SHARED:  # the shared expert is an nn.Linear MLP in transformers too
                 fused[key] = tensor
             else:
                 layer, e, matrix = parsed
                 experts.setdefault(layer, {}).setdefault(matrix, {})[e] = tensor
         for layer, mats in experts.items():
-            prefix = f"model.layers.{layer}.mlp.experts"
+            prefix = f"model.layers.{layer}.{self.block}.experts"
             order = sorted(mats["gate_proj"])
             fused[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([mats["gate_proj"][e], mats["up_proj"][e]]) for e in order])
             fused[f"{prefix}.down_proj"] = torch.stack([mats["down_proj"][e] for e in order])
@@ -217,7 +273,7 @@ class GatedDecoderFamily:
         from types import MethodType
 
         for layer in self.moe_layers(model):
-            gate = model.model.layers[layer].mlp.gate
+            gate = getattr(self.moe_block(model, layer), self.router)
 
             def forward(self, hidden_TD, layer=layer):
                 ids_TK, weights_TK = draw(layer, hidden_TD)
@@ -234,7 +290,7 @@ class GatedDecoderFamily:
         """Norms are ones; everything else N(0, 1/fan_in), so tiny random models route and score with signal."""
         if name.endswith("norm.weight"):
             return None
-        if name.endswith("embed_tokens.weight") or name.endswith("mlp.gate.weight"):
+        if name.endswith("embed_tokens.weight") or name.endswith(f"{self.block}.{self.router}.weight"):
             return 1.0
         c = self.config(config)
         if name.endswith("down_proj.weight"):

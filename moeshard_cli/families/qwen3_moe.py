@@ -18,6 +18,12 @@ BUILTINS = {
 }
 
 
+def sparse_layers(config) -> list[int]:
+    """The MoE layers of a Qwen-MoE config: off `mlp_only_layers`, on the `decoder_sparse_step`."""
+    return [i for i in range(config.num_hidden_layers)
+            if i not in (config.mlp_only_layers or []) and (i + 1) % config.decoder_sparse_step == 0]
+
+
 class Qwen3MoeFamily(GatedDecoderFamily):
     name = model_type = "qwen3_moe"
     config_class_name = "Qwen3MoeConfig"
@@ -25,8 +31,7 @@ class Qwen3MoeFamily(GatedDecoderFamily):
     builtin_configs = BUILTINS
 
     def moe_layer_indices(self, config) -> list[int]:
-        return [i for i in range(config.num_hidden_layers)
-                if i not in (config.mlp_only_layers or []) and (i + 1) % config.decoder_sparse_step == 0]
+        return sparse_layers(config)
 
 
 FAMILY = Qwen3MoeFamily()

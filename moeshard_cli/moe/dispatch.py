@@ -67,8 +67,11 @@ def weighted_sum(out_PD: torch.Tensor, order_P: torch.Tensor, weights_TK: torch.
 
 
 class ShardedDispatch(Counted):
-    def __init__(self, experts, comm: Collectives, timer):
-        self.experts, self.comm, self.timer = experts, comm, timer
+    """`shared`: this worker's slice of the family's shared expert (moe/experts.SharedExpert), run on
+    every gathered token and added to the partial sums before they are reduced: no extra exchange."""
+
+    def __init__(self, experts, comm: Collectives, timer, shared=None):
+        self.experts, self.comm, self.timer, self.shared = experts, comm, timer, shared
         self.num_experts = experts.num_experts
 
     def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor):
@@ -96,6 +99,8 @@ class ShardedDispatch(Counted):
         order_P, _ = sort_pairs(ids_TK, self.num_experts)
         out_PD = self.experts(x_TD[order_P // K], counts_E)
         y_TD = weighted_sum(out_PD, order_P, weights_TK).to(x_RD.dtype)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD).to(y_TD.dtype)
         if not padded:
             return y_TD
         y_RD = x_RD.new_zeros(x_RD.shape)
@@ -108,12 +113,14 @@ class ShardedDispatch(Counted):
 
 
 class ExpertParallelDispatch(Counted):
-    """Whole experts [rank * E/G, (rank + 1) * E/G) on each worker; `experts` holds only those."""
+    """Whole experts [rank * E/G, (rank + 1) * E/G) on each worker; `experts` holds only those.
+    A shared expert (`shared`, whole) is replicated and runs on the worker's own tokens, as
+    expert-parallel deployments of DeepSeek and Qwen2-MoE run it."""
 
-    def __init__(self, experts, num_experts: int, comm: Collectives, timer):
+    def __init__(self, experts, num_experts: int, comm: Collectives, timer, shared=None):
         if num_experts % comm.world:
             raise ValueError(f"expert parallelism needs E={num_experts} divisible by the {comm.world} workers")
-        self.experts, self.comm, self.timer = experts, comm, timer
+        self.experts, self.comm, self.timer, self.shared = experts, comm, timer, shared
         self.num_experts, self.local = num_experts, num_experts // comm.world
 
     def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor):
@@ -131,4 +138,8 @@ class ExpertParallelDispatch(Counted):
             out_RD[idx_N] = out_ND
         self.count(x_TD.shape[0])
         back_PD = self.comm.all_to_all_rows(out_RD, recv_G, send_G)
-        return weighted_sum(back_PD, order_P, weights_TK).to(x_TD.dtype), counts_GE
+        y_TD = weighted_sum(back_PD, order_P, weights_TK).to(x_TD.dtype)
+        if self.shared is not None:
+            with self.timer.section("compute"):
+                y_TD = y_TD + self.shared(x_TD).to(y_TD.dtype)
+        return y_TD, counts_GE

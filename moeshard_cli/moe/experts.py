@@ -137,6 +137,25 @@ class GroupedExperts(nn.Module):
         return _with_bias(self._mm(h_NF, self.w_out_EFD, counts_E), self.bias_out_ED, counts_E)
 
 
+class SharedExpert(nn.Module):
+    """A family's shared expert (one gated MLP every token goes through: Qwen2-MoE's `shared_expert`,
+    DeepSeek's `shared_experts`), or a rank's slice of it, as one GroupedExperts of a single expert.
+
+    `gate(x_TD) -> [T, 1]` is its per-token weight (Qwen2-MoE: sigmoid(shared_expert_gate(x))), or None
+    for weight 1. The gate is a function of the whole token, so every rank computes it for every token
+    it holds; it scales the slice's output, and the scaled slices still add up."""
+
+    def __init__(self, experts: GroupedExperts, gate=None):
+        super().__init__()
+        if experts.num_experts != 1:
+            raise ValueError(f"a shared expert is one MLP, not {experts.num_experts}")
+        self.experts, self.gate = experts, gate
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        y_TD = self.experts(x_TD, torch.tensor([x_TD.shape[0]]))
+        return y_TD if self.gate is None else y_TD * self.gate(x_TD).to(y_TD.dtype)
+
+
 def _with_bias(y_NH: torch.Tensor, bias_EH: torch.Tensor | None, counts_E: torch.Tensor) -> torch.Tensor:
     if bias_EH is None:
         return y_NH

@@ -24,7 +24,7 @@ from moeshard_cli.dtypes import DTYPES
 from moeshard_cli.files import is_temporary, write_json_atomic
 from moeshard_cli.shard.manifest import DEFAULT_ROOT, FORMAT_VERSION, MANIFEST
 from moeshard_cli.options import flag
-from moeshard_cli.shard.plan import check_world, expert_layers, held_by, rank_cut, rank_file_name, slice_along, slice_bounds, sliced_shape
+from moeshard_cli.shard.plan import check_world, expert_layers, held_by, rank_bounds, rank_cut, rank_file_name, slice_along, slice_bounds, sliced_shape
 from moeshard_cli.shard.writer import StreamingSafetensorsWriter
 
 OWN_FILES = {MANIFEST, "config.json", *TOKENIZER_FILES}
@@ -80,9 +80,9 @@ def rank_layouts(source: Source, bounds, dtype: torch.dtype):
     """Per rank, the ordered (name, shape, dtype) list its file will hold."""
     layouts = [[] for _ in bounds]
     for entry in source.tensors:
-        for rank, (lo, hi) in enumerate(bounds):
+        for rank in range(len(bounds)):
             if held_by(source.family, entry.name, rank):
-                cut = rank_cut(source.family, entry.name, lo, hi)
+                cut = rank_cut(source.family, entry.name, *rank_bounds(source.family, entry.name, entry.shape, bounds, rank))
                 layouts[rank].append((entry.name, entry.shape if cut is None else sliced_shape(entry.shape, *cut), dtype))
     return layouts
 
@@ -118,10 +118,10 @@ def stream(source: Source, writers: list[StreamingSafetensorsWriter], bounds, dt
         tensor = kept[0].load().to(dtype) if kept else None
         for i, entry in enumerate(kept):
             jobs, nbytes, data = [], 0, None
-            for rank, (writer, (lo, hi)) in enumerate(zip(writers, bounds)):
+            for rank, writer in enumerate(writers):
                 if not held_by(family, entry.name, rank):
                     continue
-                cut = rank_cut(family, entry.name, lo, hi)
+                cut = rank_cut(family, entry.name, *rank_bounds(family, entry.name, entry.shape, bounds, rank))
                 data = writer.prepare(entry.name, tensor if cut is None else slice_along(tensor, *cut))
                 jobs += [pool.submit(writer.hash, data), pool.submit(writer.append, data)]
                 nbytes += data.nbytes

@@ -7,6 +7,8 @@ lists is replicated. Bad values raise ValueError; `moeshard shard` names the fla
 
 from __future__ import annotations
 
+from moeshard_cli.families import SHARED_EXPERT
+
 
 def slice_bounds(d_ff: int, world: int) -> list[tuple[int, int]]:
     """Split [0, d_ff) into `world` contiguous slices whose widths differ by at most one.
@@ -18,6 +20,14 @@ def slice_bounds(d_ff: int, world: int) -> list[tuple[int, int]]:
     if world > d_ff:
         raise ValueError(f"{world} is larger than d_ff={d_ff}")
     return even_bounds(d_ff, world)
+
+
+def tensor_bounds(shape: tuple[int, ...], dim: int, world: int) -> list[tuple[int, int]]:
+    """The rank slices of one expert matrix: its own width along `dim`, split as slice_bounds splits d_ff.
+
+    For the routed experts these are the manifest's slices; a shared expert of another width (Qwen2-MoE's
+    is 4x as wide) gets its own, so every rank holds about 1/world of it too."""
+    return slice_bounds(shape[dim], world)
 
 
 def check_world(world: int) -> None:
@@ -58,6 +68,15 @@ def sliced_dim(family, name: str) -> int | None:
     """The axis along which rank files cut tensor `name` (an expert matrix), or None (replicated)."""
     parsed = family.parse_expert_key(name)
     return family.sliced_dim(parsed[2]) if parsed else None
+
+
+def rank_bounds(family, name: str, shape: tuple[int, ...], bounds: list[tuple[int, int]], rank: int) -> tuple[int, int]:
+    """The d_ff slice [lo, hi) that rank `rank` cuts tensor `name` by: the manifest's `bounds` for routed
+    experts (and replicated tensors), a shared expert's own (tensor_bounds: it has another width)."""
+    parsed = family.parse_expert_key(name)
+    if parsed and parsed[1] == SHARED_EXPERT:
+        return tensor_bounds(shape, family.sliced_dim(parsed[2]), len(bounds))[rank]
+    return bounds[rank]
 
 
 def rank_cut(family, name: str, lo: int, hi: int) -> tuple[int, int, int] | None:

@@ -31,6 +31,7 @@ from moeshard_cli.shard.dequant import dequantized, quantization
 from moeshard_cli.dtypes import FROM_SAFETENSORS
 from moeshard_cli.errors import UserError
 from moeshard_cli.families import family_of
+from moeshard_cli.families.table import refusal
 from moeshard_cli.shard.plan import join_rank_parts, rank_cut
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -198,6 +199,9 @@ def _read_config(path: Path):
     model_type = raw.get("model_type")
     if model_type == "t5":
         raise UserError(f"{path} is a dense t5 checkpoint with no experts", "moeshard shards Mixture-of-Experts models: use a checkpoint with experts")
+    if reason := refusal(model_type):  # before any weight is read
+        raise UserError(f"{path} holds a {model_type} model, which moeshard refuses: {reason}",
+                        "use a checkpoint of a served family (docs/models.md lists every MoE model type and why)")
     try:
         family = family_of(model_type)
     except ValueError as exc:
