@@ -48,6 +48,7 @@ USAGE = [
     (["run", "--inptu", "x.txt"], "No such option: --inptu"),
     (["frobnicate"], "No such command 'frobnicate'"),
     (["bench", "--iters", "many"], "Invalid value for '--iters'"),
+    (["shard", "tiny-switch", "--gpus", "2", "--dtype", "float64"], "Invalid value for '--dtype': Value error, 'float64' is not one of 'float32', 'bfloat16', 'float16'"),
     (["bench", "--device", "tpu"], "Invalid value for '--device': Value error, 'tpu' is not one of 'auto', 'cpu', 'cuda'"),
 ]
 

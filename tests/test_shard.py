@@ -281,7 +281,6 @@ BAD_SOURCES = [
     ("gpus-zero", lambda tmp: "tiny-switch", ["--gpus", 0], ["--gpus must be at least 1, got 0", "--gpus 2"]),
     ("gpus-negative", lambda tmp: "tiny-switch", ["--gpus", -2], ["--gpus must be at least 1, got -2", "--gpus 2"]),
     ("gpus-above-d_ff", lambda tmp: "tiny-switch", ["--gpus", D_FF + 1], [f"--gpus {D_FF + 1} is larger than d_ff={D_FF}", f"at most {D_FF} ranks"]),
-    ("bad-dtype", lambda tmp: "tiny-switch", ["--dtype", "float64"], ["--dtype float64 is not supported", "bfloat16"]),
 ]
 
 
