@@ -123,12 +123,13 @@ def test_encode_equals_runs_rows_in_input_order(pool, one_step, corpus):
 
 def test_pool_serves_every_call_with_one_start(pool, tmp_path):
     from moeshard_cli.run.command import RunOptions, run
+    from moeshard_cli.ui import Display
 
     place = tmp_path
     before = list(pool.pids)
     pool.encode(["one call", "another"])
     summary = run(RunOptions(input=_lines(place / "pids.txt", CORPUS), shards=pool.shards, output=place / "pids.npy",
-                             show_progress=False, restart=True, argv=[]), pool=pool._workers)
+                             progress=Display("off"), restart=True, argv=[]), pool=pool._workers)
     assert [r["pid"] for r in summary.result["ranks"]] == before == pool.pids  # the same two processes served
     assert len(pool.launches) == 1 and len(before) == 2 and all(_alive(pid) for pid in before)
 

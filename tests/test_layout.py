@@ -28,6 +28,10 @@ LAYOUTS = {
 }
 
 
+# GPT-OSS states its own layout, which shares transformers' names (gate_up_proj, model.layers) with gated.py's.
+ALSO_OWNED_BY = {"families/gated.py": {"families/gpt_oss.py"}}
+
+
 def docstring_lines(text: str) -> set[int]:
     """Line numbers of docstrings: prose may name a layout, code may not."""
     lines = set()
@@ -41,7 +45,7 @@ def docstring_lines(text: str) -> set[int]:
 def test_only_the_owner_knows_its_layout(owner):
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        if path.relative_to(PACKAGE).as_posix() == owner:
+        if path.relative_to(PACKAGE).as_posix() in {owner, *ALSO_OWNED_BY.get(owner, ())}:
             continue
         text = path.read_text()
         prose = docstring_lines(text)

@@ -381,10 +381,10 @@ def test_ctrl_c_while_workers_start_is_one_line(setup, place):
     output = place / "early-ctrl-c.safetensors"
     run = Run(run_args(setup, output), place / "early-ctrl-c", setup[2])
     run.wait_for(lambda: workers(run), "started a worker", timeout=60)
-    time.sleep(0.3)
     ctrl_c(run)
     code, _, err = run.finish(timeout=90)
-    assert code == 130 and one_error_line(err) == "error: interrupted (SIGINT)"
+    # forked workers start in a blink: some rows may be saved already, and the line then says how to resume
+    assert code == 130 and one_error_line(err).startswith("error: interrupted (SIGINT)")
     run.assert_no_orphans()
 
 
