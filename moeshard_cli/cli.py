@@ -103,12 +103,12 @@ def run(**flags):
     from moeshard_cli.shard.cache import settle_shards
     from moeshard_cli.ui import Display, byte_progress
 
-    # --json -: standard output holds only the JSON, so no progress is drawn there
-    opts = RunOptions(**flags, debug=STATE["debug"], progress=Display("off") if str(flags["json_path"]) == "-" else display())
+    json_to_stdout = str(flags["json_path"]) == "-"  # --json -: standard output holds only the JSON, no progress or tables
+    opts = RunOptions(**flags, debug=STATE["debug"], progress=Display("off") if json_to_stdout else display())
     with byte_progress(console, "sharding", opts.progress) as progress:  # seen only when --model cuts a set on first use
         settle_shards(opts, progress, on_cut=_print_cut, note=lambda line: err_console.print(f"note: {escape(line)}"))
     summary = do_run(opts)
-    out = err_console if str(opts.json_path) == "-" else console  # --json -: stdout holds only the JSON
+    out = err_console if json_to_stdout else console
     if STATE["verbosity"] < 0:
         out.print(f"wrote {summary.output}", highlight=False)
     else:

@@ -65,8 +65,6 @@ def resolve_host(host: str) -> str:
                         "check the name, or give node 0's IP address, e.g. --rdzv-endpoint 10.0.0.5:29400") from None
 
 
-
-
 def check_device(requested: str) -> None:
     if requested not in DEVICES:
         raise ValueError(f"{requested} is unknown")
