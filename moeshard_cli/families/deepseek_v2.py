@@ -11,10 +11,11 @@ from moeshard_cli.families.deepseek_v3 import _MLA_TINY, DeepseekV3Family
 from moeshard_cli.families.gated import TINY
 
 BUILTINS = {
-    # group-limited greedy over 4 groups (2 chosen); 2 shared experts: one MLP 2 x 38 = 76 wide (uneven at 3).
+    # group-limited greedy over 4 groups, 1 chosen (with 2 chosen a top-2 is always the greedy one, as in
+    # groups of 2 the best two experts' groups are the two best groups); 2 shared experts: one MLP 2 x 38 = 76 wide.
     "tiny-deepseek-v2": dict(TINY, **_MLA_TINY, model_type="deepseek_v2", num_hidden_layers=3, intermediate_size=96,
                              moe_intermediate_size=38, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
-                             topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                             topk_method="group_limited_greedy", n_group=4, topk_group=1, routed_scaling_factor=1.5,
                              first_k_dense_replace=1),
 }
 
