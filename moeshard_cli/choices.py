@@ -29,7 +29,8 @@ INPUT_FORMATS: tuple[str, ...] = get_args(InputFormat)
 BUILTIN_MODELS = ("tiny-switch", "switch-base-8", "switch-base-16", "switch-base-32", "switch-base-64",
                   "switch-base-128", "switch-base-256", "tiny-qwen3-moe", "qwen3-moe-mid", "tiny-olmoe", "olmoe-mid",
                   "tiny-mixtral", "mixtral-mid", "tiny-gpt-oss", "gpt-oss-mid", "tiny-qwen2-moe", "tiny-deepseek-v3",
-                  "deepseek-v3-mid", "tiny-deepseek-v2", "tiny-phimoe")
+                  "deepseek-v3-mid", "tiny-deepseek-v2", "tiny-phimoe", "tiny-granite-moe", "tiny-granite-moe-shared",
+                  "tiny-granite-moe-swa", "tiny-granite-moe-hybrid")
 
 
 def complete_model(incomplete: str) -> list[str]:

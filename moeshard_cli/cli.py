@@ -22,7 +22,7 @@ from moeshard_cli.errors import Interrupted, UserError
 
 app = typer.Typer(
     name="moeshard",
-    help="Fast, dropless Mixture-of-Experts inference by expert sharding (MoEShard): Switch, Qwen2/3-MoE, OLMoE, Mixtral, DeepSeek-V2/V3, PhiMoE, GPT-OSS.",
+    help="Fast, dropless Mixture-of-Experts inference by expert sharding (MoEShard): Switch, Qwen2/3-MoE, OLMoE, Mixtral, DeepSeek-V2/V3, PhiMoE, Granite-MoE, GPT-OSS.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,

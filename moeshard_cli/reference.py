@@ -53,11 +53,11 @@ def reference_outputs(family, model, token_ids: list[list[int]], spec: RouterSpe
     for i, row in enumerate(token_ids):
         holder["ids"] = token_ids_for([i], len(row))
         ids = torch.tensor([row])
-        hidden_SD = family.hidden_states(model, ids, torch.ones_like(ids))[0].float()
-        if pooling == "score":
-            logits_SV = model.lm_head(hidden_SD.to(model.lm_head.weight.dtype)).float()
+        if pooling == "score":  # transformers' causal LM forward: its own logits (Granite's logits_scaling included)
+            logits_SV = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float()
             logprob = torch.log_softmax(logits_SV[:-1], -1).gather(1, ids[0, 1:, None]).sum() if len(row) > 1 else torch.tensor(0.0)
             out.append(torch.tensor([len(row), logprob, -logprob / (len(row) - 1) if len(row) > 1 else float("nan")]))
         else:
+            hidden_SD = family.hidden_states(model, ids, torch.ones_like(ids))[0].float()
             out.append({"mean": lambda h: h.mean(0), "last": lambda h: h[-1], "none": lambda h: h}[pooling](hidden_SD))
     return out

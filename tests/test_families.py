@@ -1,6 +1,7 @@
 """The decoder families end to end: `moeshard run` on Qwen3-MoE, OLMoE, Mixtral, Qwen2-MoE,
-DeepSeek-V3, DeepSeek-V2 and PhiMoE shard sets against transformers' own causal LM in one process
-(`reference.reference_model`, every expert whole, transformers' eager experts).
+DeepSeek-V3, DeepSeek-V2, PhiMoE and the Granite-MoE families (plain, Shared, SWA, Hybrid) shard sets
+against transformers' own causal LM in one process (`reference.reference_model`, every expert
+whole, transformers' eager experts).
 
 The built-ins' experts are 38 wide, so 3 and 4 workers hold uneven slices (13/13/12, 10/10/9/9).
 Every `moeshard run` costs seconds of process start-up, so one module fixture starts them all,
@@ -9,14 +10,15 @@ of `--pooling last` (the default), `--pooling mean` and `--score`, and every wor
 each of them too: 12 runs, plus one with the skewed router and one on a deliberately
 mis-sliced shard set (the negative control: the same comparison must then fail). The families of
 issue 15 share the matrix diagonally, to keep process start-ups few: each gets last, mean and
-score once, on one even and one uneven world size at least, and the four of them cover 1-4
-(12 runs). Their layout elements (shared experts and gates, routers) are checked at every world
-size 1-4, with negative controls, in process (test_family_blocks.py).
+score once, on one even and one uneven world size at least. Their layout elements (shared experts and gates,
+routers, Granite's logits scaling) are checked at every world size 1-4, with negative controls,
+in process (test_family_blocks.py).
 
-A checkpoint written by transformers (`save_pretrained`, several files, Mixtral's
-`block_sparse_moe.experts.{e}.w1/w2/w3` names) must shard into rank files that reassemble, bit
-for bit, to the parameters `from_pretrained` loads. Refusals (--score on an encoder, --score
-with --pooling, --score into .safetensors) go through the CLI in this process.
+A checkpoint written by transformers (`save_pretrained`, several files: Mixtral's
+`block_sparse_moe.experts.{e}.w1/w2/w3` names, Granite's fused `input_linear`/`output_linear`),
+or straight from a transformers 5 state dict (fused `experts.gate_up_proj`), must shard into rank
+files that reassemble, bit for bit, to the parameters `from_pretrained` loads. Refusals (--score
+on an encoder, --score with --pooling, --score into .safetensors) go through the CLI in this process.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -47,7 +50,8 @@ MAX_LENGTH = 40
 BATCH = 2
 D_MODEL, EXPERT_WIDTH = 64, 38
 SKEW = RouterSpec("skewed", skew=0.6)
-MODELS = ("tiny-qwen3-moe", "tiny-olmoe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-phimoe")
+MODELS = ("tiny-qwen3-moe", "tiny-olmoe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-phimoe",
+          "tiny-granite-moe", "tiny-granite-moe-shared", "tiny-granite-moe-swa", "tiny-granite-moe-hybrid")
 # A dozen lines: an empty one (the tokenizer's end-of-sequence token makes it one token long,
 # so it has no score), one of a single character, lengths that differ inside a batch of 2 (right padding), two
 # longer than MAX_LENGTH (one cut inside a multi-byte character), non-ASCII.
@@ -75,6 +79,11 @@ MATRIX = [
     ("tiny-deepseek-v3", 2, "score"), ("tiny-deepseek-v3", 3, "last"), ("tiny-deepseek-v3", 4, "mean"),
     ("tiny-deepseek-v2", 2, "last"), ("tiny-deepseek-v2", 3, "mean"), ("tiny-deepseek-v2", 4, "score"),
     ("tiny-phimoe", 1, "score"), ("tiny-phimoe", 3, "mean"), ("tiny-phimoe", 4, "last"),
+    # Granite: --score divides by logits_scaling; the shared MLP is 45 wide; SWA's sliding window is 8 tokens
+    ("tiny-granite-moe", 1, "mean"), ("tiny-granite-moe", 2, "score"), ("tiny-granite-moe", 3, "last"),
+    ("tiny-granite-moe-shared", 2, "last"), ("tiny-granite-moe-shared", 3, "mean"), ("tiny-granite-moe-shared", 4, "score"),
+    ("tiny-granite-moe-swa", 2, "mean"), ("tiny-granite-moe-swa", 3, "score"), ("tiny-granite-moe-swa", 4, "last"),
+    ("tiny-granite-moe-hybrid", 1, "last"), ("tiny-granite-moe-hybrid", 2, "score"), ("tiny-granite-moe-hybrid", 3, "mean"),
 ]
 SKEWED = ("tiny-qwen3-moe", 3, "last")  # a renormalising family, uneven slices; the oracle gets the same draw
 MISSLICED = ("tiny-olmoe", 2, "last")  # its correct twin is in MATRIX
@@ -295,6 +304,26 @@ def test_a_wrong_slicing_fails_the_comparison(runs, reference):
 # ---------------------------------------------------------------- a checkpoint written by transformers
 
 
+# What the MoE block of a save_pretrained checkpoint holds on disk (keys under model.layers.{l}.{disk_block}.):
+# experts one by one in transformers' names (the default), in the hub's (Mixtral, PhiMoE), or fused (Granite's
+# hub names; Granite-MoE-SWA's, which transformers does not rename, are its in-memory ones).
+PER_EXPERT_ON_DISK = {"gate.weight", *(f"experts.0.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj"))}
+DISK_BLOCKS = {
+    "tiny-mixtral": {"gate.weight", "experts.0.w1.weight", "experts.0.w2.weight", "experts.0.w3.weight"},
+    "tiny-phimoe": {"gate.weight", "experts.0.w1.weight", "experts.0.w2.weight", "experts.0.w3.weight"},  # router: gate on disk
+    "tiny-qwen2-moe": PER_EXPERT_ON_DISK | {"shared_expert.gate_proj.weight", "shared_expert.up_proj.weight",
+                                            "shared_expert.down_proj.weight", "shared_expert_gate.weight"},
+    "tiny-deepseek-v3": PER_EXPERT_ON_DISK | {"gate.e_score_correction_bias", "shared_experts.gate_proj.weight",
+                                              "shared_experts.up_proj.weight", "shared_experts.down_proj.weight"},
+    "tiny-deepseek-v2": PER_EXPERT_ON_DISK | {"shared_experts.gate_proj.weight", "shared_experts.up_proj.weight",
+                                              "shared_experts.down_proj.weight"},
+    "tiny-granite-moe": {"router.layer.weight", "input_linear.weight", "output_linear.weight"},
+    "tiny-granite-moe-shared": {"router.layer.weight", "input_linear.weight", "output_linear.weight"},
+    "tiny-granite-moe-swa": {"router.weight", "experts.gate_up_proj", "experts.down_proj"},
+    "tiny-granite-moe-hybrid": {"router.layer.weight", "input_linear.weight", "output_linear.weight"},
+}
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_transformers_checkpoint_reassembles_bit_for_bit(tmp_path, name):
     from transformers import AutoModelForCausalLM
@@ -313,15 +342,12 @@ def test_transformers_checkpoint_reassembles_bit_for_bit(tmp_path, name):
     byte_tokenizer().save_pretrained(str(source))
     weight_map = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(weight_map.values())) >= 3
-    first = f".layers.{family.moe_layer_indices(config)[0]}."
-    expert_names = {k.split(".experts.0.")[1] for k in weight_map if first in k and ".experts.0." in k}
-    hub_names = name in ("tiny-mixtral", "tiny-phimoe")  # block_sparse_moe.experts.{e}.w1/w2/w3 on disk
-    assert expert_names == ({"w1.weight", "w2.weight", "w3.weight"} if hub_names else {"gate_proj.weight", "up_proj.weight", "down_proj.weight"})
-    assert any(f".{family.disk_block}.experts.0." in k for k in weight_map)
-    if name == "tiny-phimoe":  # the router is `gate` on disk, `router` in memory
-        assert f"model{first}block_sparse_moe.gate.weight" in weight_map
+    first = f"model.layers.{family.moe_layer_indices(config)[0]}."
+    block = {k.removeprefix(f"{first}{family.disk_block}.") for k in weight_map if k.startswith(f"{first}{family.disk_block}.")}
+    assert {k for k in block if not re.match(r"experts\.[1-7]\.", k)} == DISK_BLOCKS.get(name, PER_EXPERT_ON_DISK)
     if family.shared:  # the shared expert's matrices, in transformers' names on disk
-        assert f"model{first}{family.shared}.down_proj.weight" in weight_map
+        (_, down), = family.disk_shared_fused or (("", "down_proj.weight"),)
+        assert f"{first}{family.shared}.{down}" in weight_map
 
     code, _, err = invoke(["shard", source, "--gpus", 3, "--out", tmp_path / "set"])
     assert code == 0, err
@@ -337,7 +363,8 @@ def test_transformers_checkpoint_reassembles_bit_for_bit(tmp_path, name):
         assert torch.equal(got[key], tensor), f"{key} does not reassemble to transformers' parameter"
     assert want[fused[0]].shape == (8, 2 * EXPERT_WIDTH, D_MODEL)  # [E, 2F, D], gate half first
     if family.shared:  # the shared expert is cut by its own width: 45 (15 each), 76 (26/25/25)
-        width = config.moe_intermediate_size * config.n_shared_experts if hasattr(config, "n_shared_experts") else config.shared_expert_intermediate_size
+        width = config.moe_intermediate_size * config.n_shared_experts if hasattr(config, "n_shared_experts") else \
+            getattr(config, "shared_expert_intermediate_size", None) or config.shared_intermediate_size
         key = family.expert_key(family.moe_layer_indices(config)[0], -1, "down_proj")
         parts = [read_rank_file(shards, rank, torch.device("cpu"))[key].shape[1] for rank in range(3)]
         assert parts == [hi - lo for lo, hi in slice_bounds(width, 3)] and sum(parts) == width
@@ -353,6 +380,34 @@ def test_transformers_checkpoint_reassembles_bit_for_bit(tmp_path, name):
     assert not torch.equal(wrong[gate_up], want[gate_up])
     swapped = {**got, gate_up: torch.cat([got[gate_up][:, EXPERT_WIDTH:], got[gate_up][:, :EXPERT_WIDTH]], dim=1)}
     assert not torch.equal(swapped[gate_up], want[gate_up])
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-moe", "tiny-granite-moe-shared"])
+def test_checkpoint_in_transformers_memory_layout_shards(tmp_path, name):
+    """A checkpoint written straight from a transformers 5 state dict (experts fused as `experts.gate_up_proj`
+    [E, 2F, D] / `experts.down_proj`, the router under its in-memory name) shards one expert at a time into the
+    same rank files, which reassemble bit for bit."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from moeshard_cli.shard.sources import byte_tokenizer
+
+    family = builtin_family(name)
+    config = family.builtin_config(name)
+    torch.manual_seed(0)
+    want = AutoModelForCausalLM.from_config(config).eval().state_dict()
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    config.save_pretrained(str(source))
+    byte_tokenizer().save_pretrained(str(source))
+    save_file({k: v.contiguous() for k, v in want.items()}, str(source / "model.safetensors"))
+    assert any(k.endswith(".experts.gate_up_proj") for k in want)
+
+    code, _, err = invoke(["shard", source, "--gpus", 3, "--out", tmp_path / "set"])
+    assert code == 0, err
+    got = family.fuse(reassemble_state(read_shard_set(tmp_path / "set")))
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 # ---------------------------------------------------------------- refused before any worker starts

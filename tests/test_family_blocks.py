@@ -10,7 +10,8 @@ process. The built-ins' expert widths (38) and shared widths (38, 45, 76) leave 
 Negative controls, one per layout element, make the same comparison fail: the whole shared
 expert on every rank, the shared expert's sigmoid gate skipped, DeepSeek-V3's
 `e_score_correction_bias` added to the routing weights as well as to the choice, a top-2 softmax
-in place of PhiMoE's sparsemixer, and gate/up cut from the fused [gate; up] rows.
+in place of PhiMoE's sparsemixer, gate/up cut from the fused [gate; up] rows, and Granite's
+logits scored without its `logits_scaling`.
 """
 
 from __future__ import annotations
@@ -30,15 +31,20 @@ TOL = 1e-4
 TOKENS = 48
 # family -> its tiny built-in
 MODELS = {"qwen2_moe": "tiny-qwen2-moe", "deepseek_v3": "tiny-deepseek-v3", "deepseek_v2": "tiny-deepseek-v2",
-          "phimoe": "tiny-phimoe", "qwen3_moe": "tiny-qwen3-moe", "olmoe": "tiny-olmoe", "mixtral": "tiny-mixtral"}
+          "phimoe": "tiny-phimoe", "qwen3_moe": "tiny-qwen3-moe", "olmoe": "tiny-olmoe", "mixtral": "tiny-mixtral",
+          "granitemoe": "tiny-granite-moe", "granitemoeshared": "tiny-granite-moe-shared", "granitemoe_swa": "tiny-granite-moe-swa",
+          "granitemoehybrid": "tiny-granite-moe-hybrid"}
+SHARED_FAMILIES = ["qwen2_moe", "deepseek_v3", "deepseek_v2", "granitemoeshared", "granitemoe_swa", "granitemoehybrid"]
 
 
 class Block:
     """One MoE layer of a built-in: transformers' block, its router's choice, and the rank slices."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, **config_changes):
         source = resolve(name)
         self.family, self.config = source.family, source.config
+        for key, value in config_changes.items():  # the same weights under another config value
+            setattr(self.config, key, value)
         self.state = {e.name: e.load() for e in source.tensors}
         self.model = self.family.oracle(self.config, dict(self.state))
         self.layer = self.family.moe_layer_indices(self.config)[0]
@@ -47,7 +53,10 @@ class Block:
 
     @torch.no_grad()
     def transformers_output(self) -> torch.Tensor:
-        return self.block(self.x_TD[None])[0]
+        out = self.block(self.x_TD[None])[0]
+        if self.family.shared and not self.family.shared.startswith(f"{self.family.block}."):  # Granite's beside the block
+            out = out + self.model.model.layers[self.layer].get_submodule(self.family.shared)(self.x_TD)
+        return out
 
     @torch.no_grad()
     def routing(self):
@@ -114,7 +123,7 @@ def test_rank_slices_add_up_to_transformers_block(blocks, family):
         assert error(b.sharded_output(world), want) <= TOL, (family, world)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "deepseek_v2"])
+@pytest.mark.parametrize("family", SHARED_FAMILIES)
 def test_shared_expert_whole_on_every_rank_fails(blocks, family):
     """The shared expert's output must be split across the ranks like a routed expert's: added whole
     on each of 2 ranks, it counts twice."""
@@ -154,6 +163,18 @@ def test_deepseek_v3_correction_bias_in_the_weights_fails(blocks):
     assert not torch.equal(unbiased_ids_TK.sort(-1).values, ids_TK.sort(-1).values)
 
 
+def test_deepseek_v2_greedy_router(blocks):
+    """DeepSeek-V2-Lite routes greedily (`topk_method` "greedy", no groups), the built-in group-limited
+    (1 group of 4): the same weights routed both ways choose differently, and both add up at every world size."""
+    greedy, grouped = Block("tiny-deepseek-v2", topk_method="greedy"), blocks("deepseek_v2")
+    assert greedy.family.moe_block(greedy.model, greedy.layer).gate.topk_method == "greedy"
+    assert not torch.equal(greedy.routing()[0].sort(-1).values, grouped.routing()[0].sort(-1).values)
+    want = greedy.transformers_output()
+    assert error(want, grouped.transformers_output()) > 1e-2
+    for world in (1, 2, 3, 4):
+        assert error(greedy.sharded_output(world), want) <= TOL, world
+
+
 def test_phimoe_softmax_top2_in_place_of_sparsemixer_fails(blocks):
     b = blocks("phimoe")
     logits_TE = torch.nn.functional.linear(b.x_TD, b.block.router.weight)
@@ -162,10 +183,11 @@ def test_phimoe_softmax_top2_in_place_of_sparsemixer_fails(blocks):
     assert error(b.sharded_output(2, routing=plain), b.transformers_output()) > 1e-2
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "granitemoe", "granitemoeshared"])
 def test_gate_and_up_cut_from_the_fused_rows_fails(blocks, family):
     """Rank r taking rows [2 lo, 2 hi) of the fused [gate; up] and halving them (a plain slicing of
-    transformers' in-memory tensor) is wrong for the routed and the shared experts alike."""
+    transformers' in-memory tensor, and of Granite's `input_linear` on disk) is wrong for the routed
+    and the shared experts alike."""
     b = blocks(family)
     world = 2
     good = b.rank_state
@@ -207,3 +229,24 @@ def test_bench_shared_mlp_slices_add_up_to_the_whole(blocks, family):
     skip = build_dispatch("deepspeed", b.layer, b.family, b.config, None, type("C", (), {"world": 2, "rank": 0})(), None, None,
                           "loop", None, 0, mlp)
     assert isinstance(skip, Skip) and "shared-expert" in skip.reason
+
+
+@pytest.mark.parametrize("family", ["granitemoe", "granitemoeshared"])
+def test_granite_logits_scaling(blocks, family):
+    """`--score` takes the family's logits: Granite's causal LM divides them by `logits_scaling` (6 in
+    the built-ins, as granite-3.0), and the LM head alone scores far from transformers' forward."""
+    from moeshard_cli.reference import reference_outputs
+    from moeshard_cli.run.worker import score_lines
+
+    b = blocks(family)
+    assert b.config.logits_scaling == 6.0
+    ids_BS = torch.tensor([[5, 40, 77, 9, 120, 3, 1], [8, 8, 61, 200, 1, 0, 0]])
+    lengths_B = torch.tensor([7, 5])
+    want = torch.stack(reference_outputs(b.family, b.model, [row[:n].tolist() for row, n in zip(ids_BS, lengths_B)], pooling="score"))
+    with torch.no_grad():
+        hidden_BSD = b.family.hidden_states(b.model, ids_BS, (torch.arange(7)[None] < lengths_B[:, None]).long())
+        vocab = b.config.vocab_size
+        right = score_lines(lambda h: b.family.logits(b.model, h), vocab, hidden_BSD, ids_BS, lengths_B)
+        wrong = score_lines(b.model.lm_head, vocab, hidden_BSD, ids_BS, lengths_B)
+    assert error(right, want) <= TOL * want.abs().max()
+    assert error(wrong[:, 1], want[:, 1]) > 1.0

@@ -28,8 +28,10 @@ LAYOUTS = {
 }
 
 
-# GPT-OSS states its own layout, which shares transformers' names (gate_up_proj, model.layers) with gated.py's.
-ALSO_OWNED_BY = {"families/gated.py": {"families/gpt_oss.py"}}
+# GPT-OSS states its own layout, which shares transformers' names (gate_up_proj, model.layers) with gated.py's;
+# Granite-MoE-Shared its fused shared MLP's keys; Granite-MoE's block has Mixtral's hub name, block_sparse_moe.
+ALSO_OWNED_BY = {"families/gated.py": {"families/gpt_oss.py", "families/granitemoeshared.py"},
+                 "families/mixtral.py": {"families/granitemoe.py"}}
 
 
 def docstring_lines(text: str) -> set[int]:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-_MODULES = ("switch", "qwen3_moe", "olmoe", "mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3", "deepseek_v2", "phimoe")
+_MODULES = ("switch", "qwen3_moe", "olmoe", "mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3", "deepseek_v2", "phimoe",
+            "granitemoe", "granitemoeshared", "granitemoe_swa", "granitemoehybrid")
 SHARED_EXPERT = -1  # the expert index of a layer's shared expert in parsed (layer, expert, matrix) keys
 
 

@@ -61,6 +61,11 @@ class GatedDecoderFamily:
     # per-token gate, applied as sigmoid(gate(x)) (Qwen2-MoE), "" for none.
     shared = ""
     shared_gate = ""
+    # Where a checkpoint stores the experts fused, their (gate|up [E, 2F, D], down [E, D, F]) names under
+    # the block, tried in order: transformers' in-memory names; Granite's `input_linear`/`output_linear`.
+    # `disk_shared_fused`: the same for a shared expert stored fused ([2F, D], [D, F]) under `shared`.
+    disk_fused = (("experts.gate_up_proj", "experts.down_proj"),)
+    disk_shared_fused: tuple = ()
     builtin_configs: dict = {}
 
     decoder = True
@@ -131,6 +136,18 @@ class GatedDecoderFamily:
     def sliced_dim(self, matrix: str) -> int:
         return _SLICED_DIM[matrix]
 
+    def fused_sources(self, key: str) -> list[tuple[str, int | None, int, int]]:
+        """Where a rank-file expert key may sit inside a fused checkpoint tensor, in the order to try:
+        (checkpoint key after `rank_key`, expert row or None, part, parts): the key's matrix is piece
+        `part` of `parts` equal pieces of that row's first axis (gate and up: halves 0 and 1)."""
+        parsed = self.parse_expert_key(key)
+        if parsed is None:
+            return []
+        layer, e, matrix = parsed
+        where, names, row = (self.shared, self.disk_shared_fused, None) if e == SHARED else (self.block, self.disk_fused, e)
+        return [(f"model.layers.{layer}.{where}.{fused_out}", row, 0, 1) if matrix == "down_proj"
+                 else (f"model.layers.{layer}.{where}.{fused_in}", row, MATRICES.index(matrix), 2) for fused_in, fused_out in names]
+
     def rank_key(self, disk_key: str, disk_keys: set[str]) -> str | None:
         """A checkpoint key under the in-memory module path, expert matrices under their neutral names."""
         key = disk_key.replace(f".{self.disk_block}.", f".{self.block}.") if self.disk_block != self.block else disk_key
@@ -187,7 +204,8 @@ class GatedDecoderFamily:
         self.moe_block(model, layer).experts = module
         if self.shared:
             parent, name = self._shared_parent(model, layer)
-            setattr(parent, name, ZeroOutput())
+            if getattr(parent, name) is not None:  # Granite-MoE-Shared with shared_intermediate_size 0 has none
+                setattr(parent, name, ZeroOutput())
 
     def _shared_parent(self, model, layer: int) -> tuple[nn.Module, str]:
         *path, name = self.shared.split(".")
@@ -212,14 +230,21 @@ class GatedDecoderFamily:
         return {"lm_head.weight"}
 
     def rebuild_buffers(self, model, device: torch.device) -> None:
-        """The rotary embedding's frequencies are computed buffers, never in a checkpoint: rebuild them off meta."""
-        rotary = model.model.rotary_emb
-        with torch.device(device):
-            model.model.rotary_emb = type(rotary)(model.config)
+        """Rotary embeddings' frequencies are computed buffers, never in a checkpoint: rebuild each off meta
+        from its own config (Granite-MoE-SWA keeps one per rope theta)."""
+        for name, module in list(model.named_modules()):
+            if hasattr(module, "inv_freq") and any(b.is_meta for b in module.buffers(recurse=False)):
+                parent, _, attr = name.rpartition(".")
+                with torch.device(device):
+                    setattr(model.get_submodule(parent), attr, type(module)(module.config))
 
     def hidden_states(self, model, ids, mask) -> torch.Tensor:
         """The last hidden states (after the final norm), [B, S, D]."""
         return model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def logits(self, model, hidden_ND: torch.Tensor) -> torch.Tensor:
+        """The causal LM's next-token logits of final hidden states, as its own forward computes them."""
+        return model.lm_head(hidden_ND)
 
     def transformers_experts(self, config, experts: list[dict[str, torch.Tensor]]):
         """transformers' own experts module of the family holding the given weights (fused once), as

@@ -74,7 +74,12 @@ class GptOssFamily(GatedDecoderFamily):
         return {"gate_up_proj": 1, "gate_up_proj_bias": 0, "down_proj": 0, "down_proj_bias": None}[matrix]
 
     def rank_key(self, disk_key: str, disk_keys: set[str]) -> str | None:
-        return disk_key  # the fused expert tensors are read one expert at a time (shard/sources.py)
+        return disk_key  # the fused expert tensors are read one expert at a time (fused_sources)
+
+    def fused_sources(self, key: str) -> list[tuple[str, int | None, int, int]]:
+        """Expert e's matrix M is row e of the checkpoint's fused `...mlp.experts.M`."""
+        parsed = self.parse_expert_key(key)
+        return [(f"model.layers.{parsed[0]}.mlp.experts.{parsed[2]}", parsed[1], 0, 1)] if parsed else []
 
     def expected_tensors(self, config) -> dict[str, tuple[int, ...]]:
         c = self.config(config)

@@ -8,6 +8,7 @@ are gathered on rank 0, whose writer thread puts them in place in the output (ou
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from array import array
@@ -177,7 +178,9 @@ class _Encoder:
         hidden_BSD = self.sharded.hidden_states(ids, mask)
         pooling, lengths = self.job.options.pooling, lengths.to(device)
         if pooling == "score":
-            return score_lines(self.sharded.model.lm_head, hidden_BSD[: len(mine)], ids[: len(mine)], lengths)
+            model = self.sharded.model
+            return score_lines(functools.partial(self.sharded.family.logits, model), model.config.vocab_size, hidden_BSD[: len(mine)],
+                               ids[: len(mine)], lengths)
         if pooling == "none":
             rows_ND = hidden_BSD.float()[mask.bool()]
         elif pooling == "last":
@@ -237,18 +240,18 @@ class _Encoder:
 LOGITS_BYTES = 1 << 28  # the LM head's logits are computed in chunks of at most this many bytes
 
 
-def score_lines(lm_head, hidden_BSD: torch.Tensor, ids_BS: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+def score_lines(logits_fn, vocab: int, hidden_BSD: torch.Tensor, ids_BS: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
     """[B, 3] float32: per line its token count, the sum of log p(token | the tokens before it)
     over every token after the first, and the mean negative log-likelihood (NaN below 2 tokens).
     Only positions that predict a real token go through the LM head, in chunks, so the
-    [tokens, vocabulary] logits never exist whole."""
+    [tokens, vocabulary] logits never exist whole. `logits_fn`: hidden [N, D] -> the family's logits [N, vocab]."""
     B, S, _ = hidden_BSD.shape
     predicts_BS = torch.arange(S, device=ids_BS.device)[None, :] < (lengths_B - 1)[:, None]
     h_PD = hidden_BSD[predicts_BS]
     target_P = ids_BS[:, 1:][predicts_BS[:, :-1]] if S > 1 else ids_BS.new_zeros(0)
     line_P = torch.arange(B, device=ids_BS.device)[:, None].expand(B, S)[predicts_BS]
-    chunk = max(1, LOGITS_BYTES // (4 * lm_head.weight.shape[0]))
-    logprob_P = torch.cat([torch.log_softmax(lm_head(h_PD[i:i + chunk]).float(), -1).gather(1, target_P[i:i + chunk, None]).squeeze(1)
+    chunk = max(1, LOGITS_BYTES // (4 * vocab))
+    logprob_P = torch.cat([torch.log_softmax(logits_fn(h_PD[i:i + chunk]).float(), -1).gather(1, target_P[i:i + chunk, None]).squeeze(1)
                            for i in range(0, h_PD.shape[0], chunk)]) if h_PD.shape[0] else h_PD.new_zeros(0, dtype=torch.float32)
     logprob_B = torch.zeros(B, dtype=torch.float32, device=ids_BS.device).index_add_(0, line_P, logprob_P)
     scored_B = (lengths_B - 1).clamp_min(0).float()

@@ -53,6 +53,11 @@ class TensorEntry:
     def row(self, i: int) -> torch.Tensor:
         return self.load_row(i) if self.load_row is not None else self.load()[i].clone()
 
+    def piece(self, row: int | None, part: int, parts: int) -> torch.Tensor:
+        """Piece `part` of `parts` equal pieces along the first axis of index `row` (None: of the whole tensor)."""
+        whole = self.load() if row is None else self.row(row)
+        return whole if parts == 1 else whole.chunk(parts)[part].clone()
+
 
 @dataclass
 class Source:
@@ -196,6 +201,9 @@ def _read_config(path: Path):
         raise UserError(f"{cfg_file} is not valid JSON ({exc})", "restore config.json from the original checkpoint") from exc
     if not isinstance(raw, dict):
         raise UserError(f"{cfg_file} is not a config (a JSON object)", "restore config.json from the original checkpoint")
+    from transformers import PretrainedConfig
+
+    raw = PretrainedConfig._decode_special_floats(raw)  # {"__float__": "Infinity"}, as from_pretrained reads it (Mamba's time_step_limit)
     model_type = raw.get("model_type")
     if model_type == "t5":
         raise UserError(f"{path} is a dense t5 checkpoint with no experts", "moeshard shards Mixture-of-Experts models: use a checkpoint with experts")
@@ -348,7 +356,7 @@ def _local_source(path: Path, label: str, kind: str) -> Source:
         on_disk = dequantized(on_disk, quant, str(path))
     names = set(on_disk)
     expected = family.expected_tensors(config)
-    available = one_expert_at_a_time({key: entry for name, entry in on_disk.items() if (key := family.rank_key(name, names))}, expected)
+    available = from_fused({key: entry for name, entry in on_disk.items() if (key := family.rank_key(name, names))}, expected, family)
     if not any(family.parse_expert_key(k) for k in available):
         raise UserError(f"{path} has no expert weights (a dense model?)", f"use a {family.name} Mixture-of-Experts checkpoint")
     entries = []
@@ -364,20 +372,22 @@ def _local_source(path: Path, label: str, kind: str) -> Source:
                   tokenizer_dir=path, extra=extra)
 
 
-_ONE_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.+)$")
-
-
-def one_expert_at_a_time(available: dict[str, TensorEntry], expected: dict[str, tuple[int, ...]]) -> dict[str, TensorEntry]:
-    """Per-expert rank-file keys (`...experts.{e}.M`) that a checkpoint stores fused (`...experts.M`,
-    [E, ...], as GPT-OSS's are), each read as one expert's contiguous run of the fused tensor."""
+def from_fused(available: dict[str, TensorEntry], expected: dict[str, tuple[int, ...]], family) -> dict[str, TensorEntry]:
+    """Per-expert rank-file keys that a checkpoint stores fused (GPT-OSS's `...experts.M` [E, ...], Granite's
+    `input_linear` [E, 2F, D] holding gate and up, transformers' in-memory `gate_up_proj`), each read as
+    its piece of one expert's row of the fused tensor (`family.fused_sources`): one expert at a time.
+    Granite's gate and up read the expert's row once each."""
     out = dict(available)
-    for key in expected:
-        m = _ONE_EXPERT.match(key)
-        if key in out or m is None:
+    for key, shape in expected.items():
+        if key in out:
             continue
-        fused, e = available.get(f"{m.group(1)}.{m.group(3)}"), int(m.group(2))
-        if fused is not None and e < fused.shape[0]:
-            out[key] = TensorEntry(key, tuple(fused.shape[1:]), fused.dtype, functools.partial(fused.row, e))
+        for source, row, part, parts in family.fused_sources(key):
+            fused = available.get(source)
+            if fused is None or (row is not None and row >= fused.shape[0]):
+                continue
+            whole = fused.shape if row is None else fused.shape[1:]
+            out[key] = TensorEntry(key, (whole[0] // parts, *whole[1:]), fused.dtype, functools.partial(fused.piece, row, part, parts))
+            break
     return out
 
 
