@@ -269,6 +269,30 @@ def test_decoder_systems_agree_with_moeshard(decoder_sweep):
     assert by["tp", 0.6]["imbalance"] == by["moeshard", 0.6]["imbalance"] == 1.0
 
 
+def test_tp_on_a_shared_expert_family_agrees_with_moeshard(tmp_path):
+    """transformers' tensor-parallel plan on Qwen2-MoE (a shared expert behind a sigmoid gate; widths 40 and 48,
+    16-byte slices at 2 ranks) gives MoEShard's output."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+
+    config = Qwen2MoeConfig(vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
+                            shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=None,
+                            eos_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(str(tmp_path / "qwen2"))
+    args = ["bench", "--model", tmp_path / "qwen2", "--batch-sizes", "2", "--seq-len", "16", "--iters", "3", "--warmup", "1",
+            "--skew", "0.6", "--systems", "moeshard,tp", "--json", tmp_path / "bench.json"]
+    code, _, stderr = run_cli(args, timeout=300)
+    assert code == 0, stderr
+    (tp,) = [c for c in json.loads((tmp_path / "bench.json").read_text())["cells"] if c["system"] == "tp"]
+    assert tp["skipped"] is None and tp["max_abs_diff_vs_moeshard"] is not None and tp["max_abs_diff_vs_moeshard"] <= 1e-4, tp
+
+
 def test_tp_refuses_slices_it_cannot_run(tmp_path):
     """tiny-qwen3-moe's experts are 38 wide: 19-column slices are not 16-byte rows, so its cells say why, and
     Switch has no tensor-parallel plan; both are decided before anything is loaded."""
