@@ -71,12 +71,12 @@ def planned_batches(shards: Path, corpus: Path, args) -> list[list[list[int]]]:
     """The token ids of every step of `moeshard run` at world size 1, in its order."""
     from transformers import AutoTokenizer
 
-    from moeshard_cli.run.inputs import read_windows, tokenize
+    from moeshard_cli.run.inputs import input_spec, read_windows, tokenize
     from moeshard_cli.run.schedule import plan_window, round_window
 
     tokenizer = AutoTokenizer.from_pretrained(str(shards))
     batches = []
-    for window in read_windows(corpus, round_window(args.window, args.batch_size, 1)):
+    for window in read_windows(input_spec(corpus), round_window(args.window, args.batch_size, 1)):
         ids, _ = tokenize(window.texts, tokenizer, args.max_length)
         batches += [[ids[i] for i in step[0]] for step in plan_window([len(r) for r in ids], args.batch_size, 1)]
     return batches

@@ -38,7 +38,7 @@ def corpus(path: Path, lines: int, length: int) -> None:
 def moeshard(args, shards: Path, text: Path, *extra: str) -> float:
     out = args.out / "result.json"
     subprocess.run([sys.executable, "-m", "moeshard_cli", "run", "--shards", str(shards), "--input", str(text),
-                    "--batch-size", str(args.batch_size), "--json", str(out), "--output", str(args.out / "emb.safetensors"), *extra],
+                    "--batch-size", str(args.batch_size), "--json", str(out), "--output", str(args.out / "emb.safetensors"), "--force", *extra],
                    check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())["loop_tokens_per_s"]  # the encode loop: start-up and loading excluded
 
@@ -48,7 +48,7 @@ def transformers_tokens_per_s(shards: Path, text: Path, batch_size: int, threads
 
     from moeshard_cli.moe.layer import token_ids_for
     from moeshard_cli.moe.routing import RouterSpec
-    from moeshard_cli.run.inputs import read_windows, tokenize
+    from moeshard_cli.run.inputs import input_spec, read_windows, tokenize
     from moeshard_cli.run.schedule import plan_window
     from moeshard_cli.shard.manifest import read_shard_set
     from moeshard_cli.reference import force_router, reference_model
@@ -60,7 +60,7 @@ def transformers_tokens_per_s(shards: Path, text: Path, batch_size: int, threads
         model.set_experts_implementation("grouped_mm")  # transformers' default; the oracle's eager loop is for exactness
     holder: dict = {}
     force_router(s.family, model, RouterSpec() if router == "model" else RouterSpec("skewed", float(router)), holder)
-    ids, _ = tokenize([t for w in read_windows(text, 1 << 30) for t in w.texts], AutoTokenizer.from_pretrained(str(shards)), 512)
+    ids, _ = tokenize([t for w in read_windows(input_spec(text), 1 << 30) for t in w.texts], AutoTokenizer.from_pretrained(str(shards)), 512)
     batches = [step[0] for step in plan_window([len(r) for r in ids], batch_size, 1)]  # run's batching, one worker
     # Like `moeshard run`'s wall time: the whole corpus, first (cold) batch included, loading excluded.
     tokens, t0 = 0, time.perf_counter()
