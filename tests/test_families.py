@@ -51,7 +51,8 @@ BATCH = 2
 D_MODEL, EXPERT_WIDTH = 64, 38
 SKEW = RouterSpec("skewed", skew=0.6)
 MODELS = ("tiny-qwen3-moe", "tiny-olmoe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-phimoe",
-          "tiny-granite-moe", "tiny-granite-moe-shared", "tiny-granite-moe-swa", "tiny-granite-moe-hybrid")
+          "tiny-granite-moe", "tiny-granite-moe-shared", "tiny-granite-moe-swa", "tiny-granite-moe-hybrid",
+          "tiny-glm4-moe", "tiny-ernie4-5-moe", "tiny-hunyuan-v1-moe", "tiny-minimax", "tiny-cohere2-moe")
 # A dozen lines: an empty one (the tokenizer's end-of-sequence token makes it one token long,
 # so it has no score), one of a single character, lengths that differ inside a batch of 2 (right padding), two
 # longer than MAX_LENGTH (one cut inside a multi-byte character), non-ASCII.
@@ -84,6 +85,9 @@ MATRIX = [
     ("tiny-granite-moe-shared", 2, "last"), ("tiny-granite-moe-shared", 3, "mean"), ("tiny-granite-moe-shared", 4, "score"),
     ("tiny-granite-moe-swa", 2, "mean"), ("tiny-granite-moe-swa", 3, "score"), ("tiny-granite-moe-swa", 4, "last"),
     ("tiny-granite-moe-hybrid", 1, "last"), ("tiny-granite-moe-hybrid", 2, "score"), ("tiny-granite-moe-hybrid", 3, "mean"),
+    # served from transformers' module tree alone (families/generic.py): one run each
+    ("tiny-glm4-moe", 3, "score"), ("tiny-ernie4-5-moe", 2, "last"), ("tiny-hunyuan-v1-moe", 3, "mean"), ("tiny-minimax", 2, "score"),
+    ("tiny-cohere2-moe", 3, "last"),
 ]
 SKEWED = ("tiny-qwen3-moe", 3, "last")  # a renormalising family, uneven slices; the oracle gets the same draw
 MISSLICED = ("tiny-olmoe", 2, "last")  # its correct twin is in MATRIX
@@ -321,7 +325,16 @@ DISK_BLOCKS = {
     "tiny-granite-moe-shared": {"router.layer.weight", "input_linear.weight", "output_linear.weight"},
     "tiny-granite-moe-swa": {"router.weight", "experts.gate_up_proj", "experts.down_proj"},
     "tiny-granite-moe-hybrid": {"router.layer.weight", "input_linear.weight", "output_linear.weight"},
+    # served without a family file: shared experts stay transformers' own, replicated
+    "tiny-glm4-moe": PER_EXPERT_ON_DISK | {"gate.e_score_correction_bias", "shared_experts.gate_proj.weight",
+                                           "shared_experts.up_proj.weight", "shared_experts.down_proj.weight"},
+    "tiny-ernie4-5-moe": PER_EXPERT_ON_DISK | {"moe_statics.e_score_correction_bias", "shared_experts.gate_proj.weight",
+                                               "shared_experts.up_proj.weight", "shared_experts.down_proj.weight"},
+    "tiny-hunyuan-v1-moe": PER_EXPERT_ON_DISK - {"gate.weight"} | {"gate.wg.weight", "shared_mlp.gate_proj.weight",
+                                                                   "shared_mlp.up_proj.weight", "shared_mlp.down_proj.weight"},
+    "tiny-minimax": {"gate.weight", "experts.0.w1.weight", "experts.0.w2.weight", "experts.0.w3.weight"},
 }
+DISK_BLOCK_NAMES = {"tiny-minimax": "block_sparse_moe"}  # where the checkpoint's block name is not the in-memory one
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -343,7 +356,8 @@ def test_transformers_checkpoint_reassembles_bit_for_bit(tmp_path, name):
     weight_map = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(weight_map.values())) >= 3
     first = f"model.layers.{family.moe_layer_indices(config)[0]}."
-    block = {k.removeprefix(f"{first}{family.disk_block}.") for k in weight_map if k.startswith(f"{first}{family.disk_block}.")}
+    on_disk = f"{first}{DISK_BLOCK_NAMES.get(name, family.disk_block)}."
+    block = {k.removeprefix(on_disk) for k in weight_map if k.startswith(on_disk)}
     assert {k for k in block if not re.match(r"experts\.[1-7]\.", k)} == DISK_BLOCKS.get(name, PER_EXPERT_ON_DISK)
     if family.shared:  # the shared expert's matrices, in transformers' names on disk
         (_, down), = family.disk_shared_fused or (("", "down_proj.weight"),)

@@ -34,6 +34,9 @@ MODELS = {"qwen2_moe": "tiny-qwen2-moe", "deepseek_v3": "tiny-deepseek-v3", "dee
           "phimoe": "tiny-phimoe", "qwen3_moe": "tiny-qwen3-moe", "olmoe": "tiny-olmoe", "mixtral": "tiny-mixtral",
           "granitemoe": "tiny-granite-moe", "granitemoeshared": "tiny-granite-moe-shared", "granitemoe_swa": "tiny-granite-moe-swa",
           "granitemoehybrid": "tiny-granite-moe-hybrid"}
+# model types served without a family file (families/generic.py): their shared experts stay transformers' own
+GENERIC_MODELS = {"glm4_moe": "tiny-glm4-moe", "ernie4_5_moe": "tiny-ernie4-5-moe", "hunyuan_v1_moe": "tiny-hunyuan-v1-moe",
+                  "minimax": "tiny-minimax", "cohere2_moe": "tiny-cohere2-moe"}
 SHARED_FAMILIES = ["qwen2_moe", "deepseek_v3", "deepseek_v2", "granitemoeshared", "granitemoe_swa", "granitemoehybrid"]
 
 
@@ -103,7 +106,7 @@ def blocks():
 
     def get(family: str) -> Block:
         if family not in cache:
-            cache[family] = Block(MODELS[family])
+            cache[family] = Block({**MODELS, **GENERIC_MODELS}[family])
         return cache[family]
 
     return get
@@ -250,3 +253,37 @@ def test_granite_logits_scaling(blocks, family):
         wrong = score_lines(b.model.lm_head, vocab, hidden_BSD, ids_BS, lengths_B)
     assert error(right, want) <= TOL * want.abs().max()
     assert error(wrong[:, 1], want[:, 1]) > 1.0
+
+
+class RankSum(torch.nn.Module):
+    """In place of transformers' experts: the sum over ranks of what each rank's slices compute (the reduce-scatter's result)."""
+
+    def __init__(self, block: Block, world: int):
+        super().__init__()
+        self.b, self.world = block, world
+
+    def forward(self, x_TD, ids_TK, weights_TK):
+        self.b.x_TD = x_TD
+        return self.b.sharded_output(self.world, routing=(ids_TK, weights_TK))
+
+
+@pytest.mark.parametrize("family", list(GENERIC_MODELS))
+def test_generic_family_block_with_rank_slices_is_transformers_block(blocks, family):
+    """A family served from the module tree alone: transformers' whole block (router, shared expert and
+    its gate, its own) with its experts replaced by the rank slices' sum gives the block's output, at
+    1-4 workers; with one rank's slices missing it does not."""
+    b = blocks(family)
+    assert b.family.model_type == family and builtin_family(GENERIC_MODELS[family]) is b.family
+    x_TD, experts, good = b.x_TD, b.block.experts, b.rank_state
+    with torch.no_grad():
+        want = b.block(x_TD[None])[0]
+        assert want.abs().max() > 0.1
+        try:
+            for world in (1, 2, 3, 4):
+                b.block.experts = RankSum(b, world)
+                assert error(b.block(x_TD[None])[0], want) <= TOL, world
+            b.rank_state = lambda rank, world: {k: v * 0 if rank == 2 else v for k, v in good(rank, world).items()}
+            b.block.experts = RankSum(b, 3)
+            assert error(b.block(x_TD[None])[0], want) > 1e-2
+        finally:
+            b.block.experts, b.x_TD, b.rank_state = experts, x_TD, good

@@ -30,8 +30,9 @@ LAYOUTS = {
 
 # GPT-OSS states its own layout, which shares transformers' names (gate_up_proj, model.layers) with gated.py's;
 # Granite-MoE-Shared its fused shared MLP's keys; Granite-MoE's block has Mixtral's hub name, block_sparse_moe.
-ALSO_OWNED_BY = {"families/gated.py": {"families/gpt_oss.py", "families/granitemoeshared.py"},
-                 "families/mixtral.py": {"families/granitemoe.py"}}
+# generic.py finds the fused experts in any model tree and reads Mixtral's names where a checkpoint keeps them.
+ALSO_OWNED_BY = {"families/gated.py": {"families/gpt_oss.py", "families/granitemoeshared.py", "families/generic.py"},
+                 "families/mixtral.py": {"families/granitemoe.py", "families/generic.py"}}
 
 
 def docstring_lines(text: str) -> set[int]:

@@ -15,6 +15,9 @@ one process) is built. The rest of the tool asks `family_of(model_type)` or `bui
 
 - qwen2_moe.py, deepseek_v3.py, deepseek_v2.py, phimoe.py: the same layout with a shared expert
   (Qwen2-MoE, DeepSeek), dense first layers (DeepSeek) or other names (PhiMoE's router).
+- granitemoe.py, granitemoeshared.py, granitemoe_swa.py, granitemoehybrid.py: Granite's names, its
+  experts and shared MLP fused on disk, its logits scaling, sliding-window and Mamba-2 layers.
+- generic.py: the model types served from transformers' module tree alone (no file of their own).
 - table.py: every MoE model type of the installed transformers, the ones refused and why
   (docs/models.md's table is rendered from it).
 
@@ -27,7 +30,7 @@ import importlib
 from dataclasses import dataclass
 
 _MODULES = ("switch", "qwen3_moe", "olmoe", "mixtral", "gpt_oss", "qwen2_moe", "deepseek_v3", "deepseek_v2", "phimoe",
-            "granitemoe", "granitemoeshared", "granitemoe_swa", "granitemoehybrid")
+            "granitemoe", "granitemoeshared", "granitemoe_swa", "granitemoehybrid", "generic")
 SHARED_EXPERT = -1  # the expert index of a layer's shared expert in parsed (layer, expert, matrix) keys
 
 
@@ -47,12 +50,17 @@ class Dims:
     decoder: bool
 
 
+def _families_of(module) -> list:
+    """A family file's FAMILY, or generic.py's FAMILIES (one per model type it serves)."""
+    return getattr(module, "FAMILIES", None) or [module.FAMILY]
+
+
 def families() -> dict:
     """{model_type: family} of every family moeshard serves (imports transformers' configs lazily)."""
     found = {}
     for name in _MODULES:
-        family = importlib.import_module(f"moeshard_cli.families.{name}").FAMILY
-        found[family.model_type] = family
+        for family in _families_of(importlib.import_module(f"moeshard_cli.families.{name}")):
+            found[family.model_type] = family
     return found
 
 
@@ -74,5 +82,6 @@ def builtin_family(name: str):
     for module in _MODULES:
         mod = importlib.import_module(f"moeshard_cli.families.{module}")
         if name in mod.BUILTINS:
-            return mod.FAMILY
+            found = _families_of(mod)
+            return found[0] if len(found) == 1 else next(family for family in found if name in family.builtin_configs)
     return None

@@ -30,6 +30,7 @@ POST_NORM = ("a norm over each expert's whole output (has_post_expert_norm) cann
              "the slices' outputs no longer add up")
 # Where each kind of family is proven exact against transformers (docs/models.md's last column).
 DECODER_TESTS = "tests/test_families.py (run matrix), tests/test_family_blocks.py (slices at 1-4 workers)"
+GENERIC_TESTS = "tests/test_family_blocks.py (whole block, slices at 1-4 workers), tests/test_families.py (a run)"
 EXACTNESS_TESTS = {"switch_transformers": "tests/test_run.py::test_embeddings_match_transformers",
                    "gpt_oss": "tests/test_gpt_oss.py (run matrix at 1-4 workers, slices, wrong layouts)"}
 
@@ -114,6 +115,9 @@ def rows() -> list[tuple[str, str, str, str]]:
         if model_type in served:
             family = served[model_type]
             builtins = ", ".join(f"`{n}`" for n in family_builtins(family))
+            if getattr(family, "generic", False):
+                out.append((model_type, "served (no family file)", f"built-ins {builtins}; families/generic.py", GENERIC_TESTS))
+                continue
             test = EXACTNESS_TESTS.get(model_type, DECODER_TESTS if family.decoder else "")
             out.append((model_type, "served", f"built-ins {builtins}", test))
         elif reason := refusal(model_type):
