@@ -30,7 +30,8 @@ BUILTIN_MODELS = ("tiny-switch", "switch-base-8", "switch-base-16", "switch-base
                   "switch-base-128", "switch-base-256", "tiny-qwen3-moe", "qwen3-moe-mid", "tiny-olmoe", "olmoe-mid",
                   "tiny-mixtral", "mixtral-mid", "tiny-gpt-oss", "gpt-oss-mid", "tiny-qwen2-moe", "tiny-deepseek-v3",
                   "deepseek-v3-mid", "tiny-deepseek-v2", "tiny-phimoe", "tiny-granite-moe", "tiny-granite-moe-shared",
-                  "tiny-granite-moe-swa", "tiny-granite-moe-hybrid")
+                  "tiny-granite-moe-swa", "tiny-granite-moe-hybrid", "tiny-glm4-moe", "tiny-ernie4-5-moe", "tiny-hunyuan-v1-moe",
+                  "tiny-minimax", "tiny-cohere2-moe")
 
 
 def complete_model(incomplete: str) -> list[str]:
