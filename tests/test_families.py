@@ -4,8 +4,9 @@ against transformers' own causal LM in one process (`reference.reference_model`,
 whole, transformers' eager experts).
 
 The built-ins' experts are 38 wide, so 3 and 4 workers hold uneven slices (13/13/12, 10/10/9/9).
-Every `moeshard run` costs seconds of process start-up, so one module fixture starts them all,
-a few at a time (test_run.run_groups), on one small corpus; the matrix gives every family each
+Every `moeshard run` costs seconds of process start-up, so one module fixture runs them all on
+one small corpus through the library's `run` on one worker pool per world size (test_run.pool_runs),
+and one run goes through the `moeshard` command itself; the matrix gives every family each
 of `--pooling last` (the default), `--pooling mean` and `--score`, and every world size 1-4
 each of them too: 12 runs, plus one with the skewed router and one on a deliberately
 mis-sliced shard set (the negative control: the same comparison must then fail). The families of
@@ -34,14 +35,14 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import invoke
+from conftest import invoke, run_cli
 from moeshard_cli.families import builtin_family
 from moeshard_cli.model import read_rank_file
 from moeshard_cli.shard.plan import slice_bounds
 from moeshard_cli.moe.routing import RouterSpec
 from moeshard_cli.reference import reassemble_state, reference_model, reference_outputs
 from moeshard_cli.shard.manifest import MANIFEST, read_shard_set
-from test_run import error_line, read_output, run_groups
+from test_run import error_line, pool_runs, read_output
 
 pytestmark = pytest.mark.slow
 
@@ -165,26 +166,39 @@ def corpus(place) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(place, shard_sets, corpus) -> dict:
-    """Every run of this module, started together, four at a time."""
+    """Every run of this module, on one worker pool per world size (test_run.pool_runs: the library's
+    `moeshard run`, its workers started once per size); the CLI's own path is test_run's matrix and
+    the CLI runs below."""
     out = place / "out"
     out.mkdir()
-    env = {"TMPDIR": str(place)}  # worker log directories land here
     missliced = mis_slice(shard_sets[MISSLICED[:2]], place / "sets" / "missliced")
-    plan = [(m, w, mode, "", shard_sets[m, w], []) for m, w, mode in MATRIX]
-    plan.append((*SKEWED, "-skewed", shard_sets[SKEWED[:2]], ["--router", "skewed", "--skew", SKEW.skew]))
-    plan.append((*MISSLICED, "-missliced", missliced, []))
-    groups = {}
-    for model, world, mode, tag, shards, extra in plan:
+    cases = [(m, w, mode, "", shard_sets[m, w], {}) for m, w, mode in MATRIX]
+    cases.append((*SKEWED, "-skewed", shard_sets[SKEWED[:2]], {"router": "skewed", "skew": SKEW.skew}))
+    cases.append((*MISSLICED, "-missliced", missliced, {}))
+    plan = {}
+    for model, world, mode, tag, shards, extra in cases:
         name = run_name(model, world, mode, tag)
         output = out / f"{name}.{'csv' if mode == 'score' else 'safetensors'}"
-        # "last" is the decoders' default: asked for by name only once, on 4 workers
+        # "last" is the decoders' default: asked for by name only on 4 workers
         if mode == "score":
-            extra = [*extra, "--score"]
+            extra = {**extra, "score": True}
         elif mode == "mean" or (mode == "last" and world == 4):
-            extra = [*extra, "--pooling", mode]
-        args = ["run", "--shards", shards, "--input", corpus, "--output", output, "--batch-size", BATCH, "--max-length", MAX_LENGTH, *extra]
-        groups[name] = [{"args": args, "log": out / name, "env": env, "output": output}]
-    return run_groups(groups, parallel=4)
+            extra = {**extra, "pooling": mode}
+        plan[name] = dict(shards=shards, input=corpus, output=output, batch_size=BATCH, max_length=MAX_LENGTH, **extra)
+    return pool_runs(plan)
+
+
+def test_the_moeshard_command_on_a_decoder_family(place, shard_sets, corpus, reference):
+    """The same comparison through the `moeshard` command itself (its workers forked after it imported their
+    modules), on a family with a shared MLP, Mamba-2 layers, logits scaling and uneven slices."""
+    model, world = "tiny-granite-moe-hybrid", 3
+    output = place / "cli-score.csv"
+    code, _, err = run_cli(["run", "--shards", shard_sets[model, world], "--input", corpus, "--output", output, "--score",
+                            "--batch-size", BATCH, "--max-length", MAX_LENGTH])
+    assert code == 0, err
+    got = torch.tensor(pd.read_csv(output)["logprob"].to_numpy())
+    want = reference(model, world, "score")[:, 1].double()
+    assert ((got - want).abs() <= TOL * want.abs() + 1e-6).all()
 
 
 @pytest.fixture(scope="module")

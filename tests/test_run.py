@@ -121,6 +121,36 @@ def run_groups(groups: dict[str, list[dict]], parallel: int = 3, timeout: float 
     return results
 
 
+def pool_runs(plan: dict[str, dict]) -> dict[str, list[Result]]:
+    """`moeshard run`s as the library runs them (run/command.run, the code `moeshard run` calls once it has
+    parsed its flags), on one WorkerPool per world size: each size's workers start once and load each
+    plan's shard set in turn, instead of a process importing torch and transformers per run.
+    plan: {name: RunOptions fields (shards, input, output, ...)}; a refusal is a Result with code 2."""
+    from moeshard_cli.errors import UserError
+    from moeshard_cli.run.command import run
+    from moeshard_cli.run.options import RunOptions
+    from moeshard_cli.run.pool import WorkerPool
+    from moeshard_cli.shard.manifest import read_shard_set
+    from moeshard_cli.ui import Display
+
+    by_world: dict[int, list[str]] = {}
+    for name, fields in plan.items():
+        by_world.setdefault(read_shard_set(Path(fields["shards"])).world_size, []).append(name)
+    results = {}
+    for world, names in sorted(by_world.items()):
+        with WorkerPool(Path(plan[names[0]]["shards"]), device="cpu") as pool:
+            for name in names:
+                started = time.perf_counter()
+                opts = RunOptions(**plan[name], progress=Display("off"), argv=["run", "(tests: a worker pool)"])
+                try:
+                    run(opts, pool=pool)
+                    code, err = 0, ""
+                except UserError as exc:
+                    code, err = 2, f"error: {exc}"
+                results[name] = [Result(code, "", err, time.perf_counter() - started, opts.output, opts.json_path)]
+    return results
+
+
 def read_output(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
