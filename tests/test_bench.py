@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import time
+from pathlib import Path
 
 import pytest
 
@@ -235,22 +236,28 @@ def test_plot_ticks_the_swept_batch_sizes():
 @pytest.fixture(scope="module")
 def decoder_sweep(tmp_path_factory):
     """A tiny Mixtral saved by transformers (F = 40: each of 2 ranks' slices is 16-byte aligned, as tp needs)."""
-    import torch
-    from transformers import AutoModelForCausalLM, MixtralConfig
+    from transformers import MixtralConfig
 
-    out = tmp_path_factory.mktemp("bench-decoder")
     config = MixtralConfig(vocab_size=300, hidden_size=64, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
                            pad_token_id=0, bos_token_id=None, eos_token_id=1)
+    return bench_saved(config, tmp_path_factory.mktemp("bench-decoder"), "0,0.6", "moeshard,ep,hf,tp,deepspeed,deepspeed-dropless")
+
+
+def bench_saved(config, out: Path, skews: str, systems: str) -> list[dict]:
+    """A random model of `config` saved by transformers, benchmarked on 2 workers (3 short forwards a cell): the cells."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)
-    model.save_pretrained(str(out / "mixtral"))
-    args = ["bench", "--model", out / "mixtral", "--batch-sizes", "2", "--seq-len", "16", "--iters", "3", "--warmup", "1",
-            "--skew", "0,0.6", "--systems", "moeshard,ep,hf,tp,deepspeed,deepspeed-dropless", "--json", out / "bench.json"]
-    code, stdout, stderr = run_cli(args, timeout=300)
+    model.save_pretrained(str(out / "model"))
+    args = ["bench", "--model", out / "model", "--batch-sizes", "2", "--seq-len", "16", "--iters", "3", "--warmup", "1",
+            "--skew", skews, "--systems", systems, "--json", out / "bench.json"]
+    code, _, stderr = run_cli(args, timeout=300)
     assert code == 0, stderr
     return json.loads((out / "bench.json").read_text())["cells"]
 
@@ -272,24 +279,13 @@ def test_decoder_systems_agree_with_moeshard(decoder_sweep):
 def test_tp_on_a_shared_expert_family_agrees_with_moeshard(tmp_path):
     """transformers' tensor-parallel plan on Qwen2-MoE (a shared expert behind a sigmoid gate; widths 40 and 48,
     16-byte slices at 2 ranks) gives MoEShard's output."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+    from transformers import Qwen2MoeConfig
 
     config = Qwen2MoeConfig(vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=40,
                             shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                             num_experts=4, num_experts_per_tok=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=None,
                             eos_token_id=1)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    model.save_pretrained(str(tmp_path / "qwen2"))
-    args = ["bench", "--model", tmp_path / "qwen2", "--batch-sizes", "2", "--seq-len", "16", "--iters", "3", "--warmup", "1",
-            "--skew", "0.6", "--systems", "moeshard,tp", "--json", tmp_path / "bench.json"]
-    code, _, stderr = run_cli(args, timeout=300)
-    assert code == 0, stderr
-    (tp,) = [c for c in json.loads((tmp_path / "bench.json").read_text())["cells"] if c["system"] == "tp"]
+    (tp,) = [c for c in bench_saved(config, tmp_path, "0.6", "moeshard,tp") if c["system"] == "tp"]
     assert tp["skipped"] is None and tp["max_abs_diff_vs_moeshard"] is not None and tp["max_abs_diff_vs_moeshard"] <= 1e-4, tp
 
 
