@@ -102,7 +102,8 @@ def describe_layout(flags: dict | None) -> str:
         odd.append("gate/up interleaved")
     if odd:
         return "experts " + ", ".join(odd) + ": needs the layout in moeshard's slicing"
-    return "gated.py's layout (gate/up concatenated, untransposed, no bias): a family file naming its block, router and shared expert"
+    return ("gated.py's layout (gate/up concatenated, untransposed, no bias): a line and a tiny config in "
+            "families/generic.py, once checked (a family file where its hooks differ)")
 
 
 def rows() -> list[tuple[str, str, str, str]]:
