@@ -31,7 +31,8 @@ BUILTIN_MODELS = ("tiny-switch", "switch-base-8", "switch-base-16", "switch-base
                   "tiny-mixtral", "mixtral-mid", "tiny-gpt-oss", "gpt-oss-mid", "tiny-qwen2-moe", "tiny-deepseek-v3",
                   "deepseek-v3-mid", "tiny-deepseek-v2", "tiny-phimoe", "tiny-granite-moe", "tiny-granite-moe-shared",
                   "tiny-granite-moe-swa", "tiny-granite-moe-hybrid", "tiny-glm4-moe", "tiny-ernie4-5-moe", "tiny-hunyuan-v1-moe",
-                  "tiny-minimax", "tiny-cohere2-moe")
+                  "tiny-minimax", "tiny-cohere2-moe", "tiny-dots1", "tiny-exaone-moe", "tiny-solar-open", "tiny-flex-olmo",
+                  "tiny-minimax-m2", "tiny-mellum")
 
 
 def complete_model(incomplete: str) -> list[str]:

@@ -53,7 +53,8 @@ D_MODEL, EXPERT_WIDTH = 64, 38
 SKEW = RouterSpec("skewed", skew=0.6)
 MODELS = ("tiny-qwen3-moe", "tiny-olmoe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-deepseek-v3", "tiny-deepseek-v2", "tiny-phimoe",
           "tiny-granite-moe", "tiny-granite-moe-shared", "tiny-granite-moe-swa", "tiny-granite-moe-hybrid",
-          "tiny-glm4-moe", "tiny-ernie4-5-moe", "tiny-hunyuan-v1-moe", "tiny-minimax", "tiny-cohere2-moe")
+          "tiny-glm4-moe", "tiny-ernie4-5-moe", "tiny-hunyuan-v1-moe", "tiny-minimax", "tiny-cohere2-moe", "tiny-dots1",
+          "tiny-exaone-moe", "tiny-solar-open", "tiny-flex-olmo", "tiny-minimax-m2", "tiny-mellum")
 # A dozen lines: an empty one (the tokenizer's end-of-sequence token makes it one token long,
 # so it has no score), one of a single character, lengths that differ inside a batch of 2 (right padding), two
 # longer than MAX_LENGTH (one cut inside a multi-byte character), non-ASCII.
@@ -88,7 +89,8 @@ MATRIX = [
     ("tiny-granite-moe-hybrid", 1, "last"), ("tiny-granite-moe-hybrid", 2, "score"), ("tiny-granite-moe-hybrid", 3, "mean"),
     # served from transformers' module tree alone (families/generic.py): one run each
     ("tiny-glm4-moe", 3, "score"), ("tiny-ernie4-5-moe", 2, "last"), ("tiny-hunyuan-v1-moe", 3, "mean"), ("tiny-minimax", 2, "score"),
-    ("tiny-cohere2-moe", 3, "last"),
+    ("tiny-cohere2-moe", 3, "last"), ("tiny-dots1", 4, "mean"), ("tiny-exaone-moe", 3, "score"), ("tiny-solar-open", 4, "last"),
+    ("tiny-flex-olmo", 3, "mean"), ("tiny-minimax-m2", 4, "score"), ("tiny-mellum", 1, "last"),
 ]
 SKEWED = ("tiny-qwen3-moe", 3, "last")  # a renormalising family, uneven slices; the oracle gets the same draw
 MISSLICED = ("tiny-olmoe", 2, "last")  # its correct twin is in MATRIX
@@ -326,13 +328,14 @@ def test_a_wrong_slicing_fails_the_comparison(runs, reference):
 # experts one by one in transformers' names (the default), in the hub's (Mixtral, PhiMoE), or fused (Granite's
 # hub names; Granite-MoE-SWA's, which transformers does not rename, are its in-memory ones).
 PER_EXPERT_ON_DISK = {"gate.weight", *(f"experts.0.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj"))}
+DEEPSEEK_ON_DISK = PER_EXPERT_ON_DISK | {"gate.e_score_correction_bias", "shared_experts.gate_proj.weight",
+                                        "shared_experts.up_proj.weight", "shared_experts.down_proj.weight"}
 DISK_BLOCKS = {
     "tiny-mixtral": {"gate.weight", "experts.0.w1.weight", "experts.0.w2.weight", "experts.0.w3.weight"},
     "tiny-phimoe": {"gate.weight", "experts.0.w1.weight", "experts.0.w2.weight", "experts.0.w3.weight"},  # router: gate on disk
     "tiny-qwen2-moe": PER_EXPERT_ON_DISK | {"shared_expert.gate_proj.weight", "shared_expert.up_proj.weight",
                                             "shared_expert.down_proj.weight", "shared_expert_gate.weight"},
-    "tiny-deepseek-v3": PER_EXPERT_ON_DISK | {"gate.e_score_correction_bias", "shared_experts.gate_proj.weight",
-                                              "shared_experts.up_proj.weight", "shared_experts.down_proj.weight"},
+    "tiny-deepseek-v3": DEEPSEEK_ON_DISK,
     "tiny-deepseek-v2": PER_EXPERT_ON_DISK | {"shared_experts.gate_proj.weight", "shared_experts.up_proj.weight",
                                               "shared_experts.down_proj.weight"},
     "tiny-granite-moe": {"router.layer.weight", "input_linear.weight", "output_linear.weight"},
@@ -340,15 +343,18 @@ DISK_BLOCKS = {
     "tiny-granite-moe-swa": {"router.weight", "experts.gate_up_proj", "experts.down_proj"},
     "tiny-granite-moe-hybrid": {"router.layer.weight", "input_linear.weight", "output_linear.weight"},
     # served without a family file: shared experts stay transformers' own, replicated
-    "tiny-glm4-moe": PER_EXPERT_ON_DISK | {"gate.e_score_correction_bias", "shared_experts.gate_proj.weight",
-                                           "shared_experts.up_proj.weight", "shared_experts.down_proj.weight"},
+    "tiny-glm4-moe": DEEPSEEK_ON_DISK,
     "tiny-ernie4-5-moe": PER_EXPERT_ON_DISK | {"moe_statics.e_score_correction_bias", "shared_experts.gate_proj.weight",
                                                "shared_experts.up_proj.weight", "shared_experts.down_proj.weight"},
     "tiny-hunyuan-v1-moe": PER_EXPERT_ON_DISK - {"gate.weight"} | {"gate.wg.weight", "shared_mlp.gate_proj.weight",
                                                                    "shared_mlp.up_proj.weight", "shared_mlp.down_proj.weight"},
     "tiny-minimax": {"gate.weight", "experts.0.w1.weight", "experts.0.w2.weight", "experts.0.w3.weight"},
+    "tiny-minimax-m2": {"gate.weight", "e_score_correction_bias", "experts.0.w1.weight", "experts.0.w2.weight", "experts.0.w3.weight"},
+    "tiny-dots1": DEEPSEEK_ON_DISK,
+    "tiny-solar-open": DEEPSEEK_ON_DISK,
+    "tiny-exaone-moe": DEEPSEEK_ON_DISK - {"gate.e_score_correction_bias"} | {"e_score_correction_bias"},
 }
-DISK_BLOCK_NAMES = {"tiny-minimax": "block_sparse_moe"}  # where the checkpoint's block name is not the in-memory one
+DISK_BLOCK_NAMES = {"tiny-minimax": "block_sparse_moe", "tiny-minimax-m2": "block_sparse_moe"}  # where the checkpoint's block name is not the in-memory one
 
 
 @pytest.mark.parametrize("name", MODELS)

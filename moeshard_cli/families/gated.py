@@ -231,9 +231,9 @@ class GatedDecoderFamily:
 
     def rebuild_buffers(self, model, device: torch.device) -> None:
         """Rotary embeddings' frequencies are computed buffers, never in a checkpoint: rebuild each off meta
-        from its own config (Granite-MoE-SWA keeps one per rope theta)."""
+        from its own config (Granite-MoE-SWA keeps one per rope theta, Mellum its buffers per layer type)."""
         for name, module in list(model.named_modules()):
-            if hasattr(module, "inv_freq") and any(b.is_meta for b in module.buffers(recurse=False)):
+            if type(module).__name__.endswith("RotaryEmbedding") and any(b.is_meta for b in module.buffers(recurse=False)):
                 parent, _, attr = name.rpartition(".")
                 with torch.device(device):
                     setattr(model.get_submodule(parent), attr, type(module)(module.config))

@@ -42,6 +42,19 @@ GENERIC = {
     # experts as wide as intermediate_size; sliding-window attention on layers 0 and 1
     "cohere2_moe": dict(_SHAPE, head_dim=16, intermediate_size=38, num_experts=8, num_experts_per_tok=2, sliding_window=8,
                         layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    # DeepSeek-V3's block (sigmoid, correction bias, shared expert), layer 0 dense
+    "dots1": dict(_SHAPE, intermediate_size=96, moe_intermediate_size=38, n_routed_experts=8, num_experts_per_tok=2,
+                  n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, layer_types=["full_attention"] * 3),
+    # dense and sparse layers from mlp_layer_types, sliding windows on two layers, a shared expert
+    "exaone_moe": dict(_SHAPE, intermediate_size=96, moe_intermediate_size=38, num_experts=8, num_experts_per_tok=2,
+                       num_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, sliding_window=8,
+                       layer_types=["sliding_attention", "sliding_attention", "full_attention"], mlp_layer_types=["dense", "sparse", "sparse"]),
+    "solar_open": dict(_SHAPE, head_dim=16, moe_intermediate_size=38, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                       n_group=1, topk_group=1),
+    "flex_olmo": dict(_SHAPE, intermediate_size=38, num_experts=8, num_experts_per_tok=2),
+    "minimax_m2": dict(_SHAPE, head_dim=16, intermediate_size=38, num_local_experts=8, num_experts_per_tok=2),
+    "mellum": dict(_SHAPE, head_dim=16, intermediate_size=96, moe_intermediate_size=38, num_experts=8, num_experts_per_tok=2,
+                   layer_types=["full_attention"] * 3, mlp_layer_types=["sparse"] * 3),
 }
 BUILTINS = {f"tiny-{model_type.replace('_', '-')}": dict(config, model_type=model_type) for model_type, config in GENERIC.items()}
 
