@@ -32,7 +32,7 @@ BUILTIN_MODELS = ("tiny-switch", "switch-base-8", "switch-base-16", "switch-base
                   "deepseek-v3-mid", "tiny-deepseek-v2", "tiny-phimoe", "tiny-granite-moe", "tiny-granite-moe-shared",
                   "tiny-granite-moe-swa", "tiny-granite-moe-hybrid", "tiny-glm4-moe", "tiny-ernie4-5-moe", "tiny-hunyuan-v1-moe",
                   "tiny-minimax", "tiny-cohere2-moe", "tiny-dots1", "tiny-exaone-moe", "tiny-solar-open", "tiny-flex-olmo",
-                  "tiny-minimax-m2", "tiny-mellum")
+                  "tiny-minimax-m2", "tiny-mellum", "tiny-afmoe", "tiny-kolibri1", "tiny-laguna", "tiny-mimo-v2-flash", "tiny-hy-v3")
 
 
 def complete_model(incomplete: str) -> list[str]:

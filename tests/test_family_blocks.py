@@ -37,7 +37,9 @@ MODELS = {"qwen2_moe": "tiny-qwen2-moe", "deepseek_v3": "tiny-deepseek-v3", "dee
 # model types served without a family file (families/generic.py): their shared experts stay transformers' own
 GENERIC_MODELS = {"glm4_moe": "tiny-glm4-moe", "ernie4_5_moe": "tiny-ernie4-5-moe", "hunyuan_v1_moe": "tiny-hunyuan-v1-moe",
                   "minimax": "tiny-minimax", "cohere2_moe": "tiny-cohere2-moe", "dots1": "tiny-dots1", "exaone_moe": "tiny-exaone-moe",
-                  "solar_open": "tiny-solar-open", "flex_olmo": "tiny-flex-olmo", "minimax_m2": "tiny-minimax-m2", "mellum": "tiny-mellum"}
+                  "solar_open": "tiny-solar-open", "flex_olmo": "tiny-flex-olmo", "minimax_m2": "tiny-minimax-m2", "mellum": "tiny-mellum",
+                  "afmoe": "tiny-afmoe", "kolibri1": "tiny-kolibri1", "laguna": "tiny-laguna", "mimo_v2_flash": "tiny-mimo-v2-flash",
+                  "hy_v3": "tiny-hy-v3"}
 SHARED_FAMILIES = ["qwen2_moe", "deepseek_v3", "deepseek_v2", "granitemoeshared", "granitemoe_swa", "granitemoehybrid"]
 
 

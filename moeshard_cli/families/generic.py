@@ -55,6 +55,17 @@ GENERIC = {
     "minimax_m2": dict(_SHAPE, head_dim=16, intermediate_size=38, num_local_experts=8, num_experts_per_tok=2),
     "mellum": dict(_SHAPE, head_dim=16, intermediate_size=96, moe_intermediate_size=38, num_experts=8, num_experts_per_tok=2,
                    layer_types=["full_attention"] * 3, mlp_layer_types=["sparse"] * 3),
+    "afmoe": dict(_SHAPE, head_dim=16, intermediate_size=96, moe_intermediate_size=38, num_experts=8, num_experts_per_tok=2,
+                  num_shared_experts=1, num_dense_layers=1, sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    "kolibri1": dict(_SHAPE, head_dim=16, moe_intermediate_size=38, shared_expert_intermediate_size=45, num_local_experts=8,
+                     num_experts_per_tok=2, sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "laguna": dict(_SHAPE, head_dim=16, intermediate_size=96, moe_intermediate_size=38, shared_expert_intermediate_size=45, num_experts=8,
+                   num_experts_per_tok=2, layer_types=["full_attention"] * 3, mlp_layer_types=["dense", "sparse", "sparse"]),
+    "mimo_v2_flash": dict(_SHAPE, head_dim=16, v_head_dim=16, intermediate_size=96, moe_intermediate_size=38, n_routed_experts=8,
+                          num_experts_per_tok=2, n_group=1, topk_group=1, sliding_window=8,
+                          layer_types=["full_attention", "sliding_attention", "sliding_attention"], mlp_layer_types=["dense", "sparse", "sparse"]),
+    "hy_v3": dict(_SHAPE, head_dim=16, intermediate_size=96, moe_intermediate_size=38, num_experts=8, num_experts_per_tok=2,
+                  num_shared_experts=1, mlp_layer_types=["dense", "sparse", "sparse"]),
 }
 BUILTINS = {f"tiny-{model_type.replace('_', '-')}": dict(config, model_type=model_type) for model_type, config in GENERIC.items()}
 
