@@ -208,11 +208,8 @@ class GatedDecoderFamily:
                 setattr(parent, name, ZeroOutput())
 
     def _shared_parent(self, model, layer: int) -> tuple[nn.Module, str]:
-        *path, name = self.shared.split(".")
-        parent = model.model.layers[layer]
-        for part in path:
-            parent = getattr(parent, part)
-        return parent, name
+        path, _, name = self.shared.rpartition(".")
+        return model.model.layers[layer].get_submodule(path), name
 
     def shared_gate_fn(self, model, layer: int):
         """The shared expert's per-token weight as a function of x_TD ([T, 1]), or None (weight 1).
@@ -294,15 +291,17 @@ class GatedDecoderFamily:
         return model.eval()
 
     def force_router(self, model, draw) -> None:
-        """Make every transformers router take its experts and weights from `draw(layer, x_TD)`."""
+        """Make every transformers router take its experts and weights from `draw(layer, x_TD)`; its logits
+        stay its own (routers differ in their weights and bias: GPT-OSS's biased linear, HunYuan's `gate.wg`,
+        Hunyuan-V3's correction bias passed in by the block)."""
         from types import MethodType
 
         for layer in self.moe_layers(model):
             gate = getattr(self.moe_block(model, layer), self.router)
 
-            def forward(self, hidden_TD, layer=layer):
+            def forward(self, hidden_TD, *args, layer=layer, own=gate.forward, **kwargs):
                 ids_TK, weights_TK = draw(layer, hidden_TD)
-                return torch.nn.functional.linear(hidden_TD, self.weight), weights_TK, ids_TK
+                return own(hidden_TD, *args, **kwargs)[0], weights_TK, ids_TK
 
             gate.forward = MethodType(forward, gate)
 

@@ -132,20 +132,6 @@ class GenericGatedFamily(GatedDecoderFamily):
         """Layers whose block holds experts, read off transformers' model of this config (its dense-layer rules vary)."""
         return list(self._moe_layers_of(self.config(config).to_json_string(use_diff=False)))
 
-    def force_router(self, model, draw) -> None:
-        """Every router returns its own logits with the experts and weights of `draw(layer, x_TD)`
-        (routers differ in where they keep their weight: HunYuan's in `gate.wg`)."""
-        from types import MethodType
-
-        for layer in self.moe_layers(model):
-            router = getattr(self.moe_block(model, layer), self.router)
-
-            def forward(self, hidden_TD, layer=layer, own=router.forward):
-                ids_TK, weights_TK = draw(layer, hidden_TD)
-                return own(hidden_TD)[0], weights_TK, ids_TK
-
-            router.forward = MethodType(forward, router)
-
     @functools.cached_property
     def _conversions(self) -> tuple[list, dict[str, str]]:
         """transformers' own checkpoint conversions of this type (what `from_pretrained` applies): its key

@@ -47,6 +47,7 @@ class GptOssFamily(GatedDecoderFamily):
     name = model_type = "gpt_oss"
     config_class_name = "GptOssConfig"
     num_experts_attr = "num_local_experts"
+    router = "router"
     builtin_configs = BUILTINS
 
     expert_inputs = ("gate_up_proj",)  # gate and up, interleaved in one matrix
@@ -130,18 +131,6 @@ class GptOssFamily(GatedDecoderFamily):
         for (layer, matrix), by_expert in experts.items():
             fused[f"model.layers.{layer}.mlp.experts.{matrix}"] = torch.stack([by_expert[e] for e in sorted(by_expert)])
         return fused
-
-    def force_router(self, model, draw) -> None:
-        from types import MethodType
-
-        for layer in self.moe_layers(model):
-            router = model.model.layers[layer].mlp.router
-
-            def forward(self, hidden_TD, layer=layer):
-                ids_TK, weights_TK = draw(layer, hidden_TD)
-                return torch.nn.functional.linear(hidden_TD, self.weight, self.bias), weights_TK, ids_TK
-
-            router.forward = MethodType(forward, router)
 
     # ---------------------------------------------------------------- built-ins
 
