@@ -8,8 +8,8 @@ every rank applies it to its slice (gated.py, moe/experts.SharedExpert). Dense l
 
 from __future__ import annotations
 
-from moeshard_cli.families.gated import TINY, GatedDecoderFamily
-from moeshard_cli.families.qwen3_moe import sparse_layers
+from moeshard_cli.families.gated import TINY
+from moeshard_cli.families.qwen3_moe import Qwen3MoeFamily
 
 BUILTINS = {
     # routed experts 38 wide, the shared one 45: neither divides by 2 or 4 (3: 13/13/12 and 15 each);
@@ -20,16 +20,14 @@ BUILTINS = {
 }
 
 
-class Qwen2MoeFamily(GatedDecoderFamily):
+class Qwen2MoeFamily(Qwen3MoeFamily):
+    """Qwen3-MoE's experts and dense-layer rule, plus the gated shared expert."""
+
     name = model_type = "qwen2_moe"
     config_class_name = "Qwen2MoeConfig"
-    d_ff_attr = "moe_intermediate_size"
     shared = "mlp.shared_expert"
     shared_gate = "shared_expert_gate"
     builtin_configs = BUILTINS
-
-    def moe_layer_indices(self, config) -> list[int]:
-        return sparse_layers(config)
 
 
 FAMILY = Qwen2MoeFamily()
