@@ -113,6 +113,12 @@ def checkpoints(tmp_path_factory):
     return get
 
 
+def write_lines(path: Path, texts: list[str]) -> Path:
+    """A corpus file: one text per line, UTF-8, each line ending in a newline."""
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    return path
+
+
 def invoke(args, cwd: Path | None = None) -> tuple[int, str, str]:
     """Run `moeshard ARGS` in this process through the real entry point; returns (exit code, stdout, stderr)."""
     from moeshard_cli.cli import main

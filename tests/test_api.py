@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import invoke
+from conftest import invoke, write_lines
 from moeshard_cli.errors import UserError
 from moeshard_cli.shard.manifest import MANIFEST
 
@@ -48,9 +48,7 @@ def cache(place):
 
 @pytest.fixture(scope="module")
 def corpus(place) -> Path:
-    path = place / "corpus.txt"
-    path.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
-    return path
+    return write_lines(place / "corpus.txt", CORPUS)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +126,7 @@ def test_pool_serves_every_call_with_one_start(pool, tmp_path):
     place = tmp_path
     before = list(pool.pids)
     pool.encode(["one call", "another"])
-    summary = run(RunOptions(input=_lines(place / "pids.txt", CORPUS), shards=pool.shards, output=place / "pids.npy",
+    summary = run(RunOptions(input=write_lines(place / "pids.txt", CORPUS), shards=pool.shards, output=place / "pids.npy",
                              progress=Display("off"), restart=True, argv=[]), pool=pool._workers)
     assert [r["pid"] for r in summary.result["ranks"]] == before == pool.pids  # the same two processes served
     assert len(pool.launches) == 1 and len(before) == 2 and all(_alive(pid) for pid in before)
@@ -265,7 +263,7 @@ def test_model_and_gpus_flags_are_checked_before_any_work(tmp_path, monkeypatch)
     from moeshard_cli.api import shard
 
     monkeypatch.setenv("MOESHARD_CACHE", str(tmp_path / "c"))
-    corpus = _lines(tmp_path / "c.txt", ["a"])
+    corpus = write_lines(tmp_path / "c.txt", ["a"])
     w2 = shard("tiny-switch", 2, tmp_path / "w2")
     for extra, needle in ((["--model", "tiny-switch", "--shards", w2], "--model and --shards exclude each other"),
                           (["--shards", w2, "--gpus", 3], f"--shards {w2} is cut for 2 workers, not --gpus 3"),
@@ -277,9 +275,6 @@ def test_model_and_gpus_flags_are_checked_before_any_work(tmp_path, monkeypatch)
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())  # nothing was cut
 
 
-def _lines(path: Path, texts: list[str]) -> Path:
-    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
-    return path
 
 
 def _alive(pid: int) -> bool:

@@ -35,7 +35,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import invoke, run_cli
+from conftest import invoke, run_cli, write_lines
 from moeshard_cli.families import builtin_family
 from moeshard_cli.model import read_rank_file
 from moeshard_cli.shard.plan import slice_bounds
@@ -163,9 +163,7 @@ def shard_sets(place) -> dict[tuple[str, int], Path]:
 
 @pytest.fixture(scope="module")
 def corpus(place) -> Path:
-    path = place / "corpus.txt"
-    path.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
-    return path
+    return write_lines(place / "corpus.txt", CORPUS)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import invoke
+from conftest import invoke, write_lines
 from moeshard_cli.families import builtin_family
 from moeshard_cli.moe.dispatch import ShardedDispatch
 from moeshard_cli.moe.exchange import Collectives
@@ -205,8 +205,7 @@ def shard_sets(place) -> dict[int, Path]:
 
 @pytest.fixture(scope="module")
 def runs(place, shard_sets) -> dict:
-    corpus = place / "corpus.txt"
-    corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+    corpus = write_lines(place / "corpus.txt", CORPUS)
     plan = [(str(world), mode, shard_sets[world]) for world, mode in MATRIX]
     plan += [(layout, "last", rewrite_rank_files(shard_sets[2], place / layout, layout)) for layout in WRONG]
     groups = {}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers.activations import ACT2FN
 
-from conftest import REPO, cli_popen, invoke, run_cli
+from conftest import REPO, cli_popen, invoke, run_cli, write_lines
 from moeshard_cli.moe.experts import GroupedExperts, megablocks_available, stack_experts
 from moeshard_cli.reference import reference_model
 from moeshard_cli.shard.manifest import read_shard_set
@@ -52,9 +52,7 @@ class Run:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(CORPUS) + "\n")
-    return path
+    return write_lines(tmp_path_factory.mktemp("corpus") / "corpus.txt", CORPUS)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import invoke
+from conftest import invoke, write_lines
 from moeshard_cli.launch import free_port
 from moeshard_cli.shard.manifest import MANIFEST, read_shard_set
 from moeshard_cli.moe.routing import RouterSpec
@@ -239,7 +239,7 @@ def corpora(place) -> dict[str, Path]:
 
     paths = {"main": place / "corpus.txt", "few": place / "few.txt", "jsonl.zst": place / "corpus.jsonl.zst",
              "csv.gz": place / "corpus.csv.gz", "parquet": place / "corpus.parquet"}
-    paths["main"].write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+    write_lines(paths["main"], CORPUS)
     paths["few"].write_text("\n".join(FEW), encoding="utf-8")  # no final newline
     jsonl = "".join(json.dumps({"id": f"doc-{i}", "text": t}) + "\n" for i, t in enumerate(CORPUS))
     paths["jsonl.zst"].write_bytes(zstandard.ZstdCompressor().compress(jsonl.encode()))

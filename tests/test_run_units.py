@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import ByT5Tokenizer
 
+from conftest import write_lines
 from moeshard_cli.errors import UserError
 from moeshard_cli.run import outputs
 from moeshard_cli.run.command import RunOptions
@@ -103,9 +104,7 @@ def test_lines_keep_empty_lines_and_strip_the_newline(tmp_path, data, lines):
 
 
 def test_windows_restart_at_a_recorded_byte_offset(tmp_path):
-    path = tmp_path / "in.txt"
-    texts = [f"line {i} " + "\u00e9" * (i % 7) for i in range(23)]
-    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    path = write_lines(tmp_path / "in.txt", [f"line {i} " + "\u00e9" * (i % 7) for i in range(23)])
     windows = list(read_windows(input_spec(path), 5))
     assert [w.index for w in windows] == [0, 1, 2, 3, 4] and [len(w.texts) for w in windows] == [5, 5, 5, 5, 3]
     assert windows[-1].byte_end == path.stat().st_size
